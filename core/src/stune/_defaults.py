@@ -1,0 +1,83 @@
+"""The core's own hook implementations, registered like any plugin with ``trylast=True``.
+
+They delegate to the model family, so a family plugin only writes methods; another plugin can
+still replace one phase by implementing the hook (its result comes first).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stune.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    import torch
+
+    from stune.config import CoreOptions
+    from stune.family import Components, ModelFamily
+
+
+def weight_dtype(config: CoreOptions) -> torch.dtype:
+    """dtype of frozen base weights: bf16/fp16 under mixed precision, else fp32."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
+
+
+@hookimpl(trylast=True)
+def load_model(family: ModelFamily, config: CoreOptions, device: torch.device, text_encoders: bool) -> Components:
+    return family.load(device, weight_dtype(config), text_encoders=text_encoders)
+
+
+@hookimpl(trylast=True)
+def encode_text(family: ModelFamily, components: Components, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
+    return family.encode_prompts(components, prompts)
+
+
+@hookimpl(trylast=True)
+def compute_loss(prediction: torch.Tensor, target: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    # fp32 for the reduction: bf16 squared errors lose the small differences late in training.
+    loss = (prediction.float() - target.float()).square()
+    weight = batch.get("loss_weight")
+    if weight is not None:
+        loss = loss * weight
+    return loss.mean()
+
+
+@hookimpl(trylast=True)
+def save_adapter(family: ModelFamily, transformer: torch.nn.Module, output_dir: Path) -> list[Path]:
+    from peft.utils import get_peft_model_state_dict
+
+    state_dict = get_peft_model_state_dict(transformer)
+    metadata = transformer.peft_config["default"].to_dict()  # type: ignore[index,operator]
+    return [family.save_lora(output_dir, state_dict, metadata)]
+
+
+class QuantizeDispatch:
+    """Default ``quantize``: hand each ``*_precision`` option to the quantizer registered for it."""
+
+    def __init__(self, quantizers: dict[str, Any]) -> None:
+        self.quantizers = quantizers
+
+    @hookimpl(trylast=True)
+    def quantize(self, components: Components, family: ModelFamily, config: CoreOptions) -> None:
+        targets: list[tuple[str, Any, str]] = []
+        precision = getattr(config, "base_model_precision", None)
+        if precision:
+            targets.append(("transformer", components, precision))
+        for index, key in enumerate(components.text_encoders, start=1):
+            te_precision = getattr(config, f"text_encoder_{index}_precision", None)
+            if te_precision:
+                targets.append((key, components.text_encoders, te_precision))
+        for key, holder, precision in targets:
+            if precision == "no_change":
+                continue
+            quantizer = self.quantizers[precision]
+            quantizer.validate_environment(precision)
+            if key == "transformer":
+                exclude = family.quantization_exclusions
+                holder.transformer = quantizer.quantize(holder.transformer, precision, exclude, config)
+            else:
+                holder[key] = quantizer.quantize(holder[key], precision, (), config)
+

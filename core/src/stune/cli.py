@@ -1,0 +1,194 @@
+"""``st-train``: train, list plugins and options, check a config, run the demo.
+
+The module imports neither torch nor any plugin at import time; ``--help``, ``plugins`` and
+``options`` stay fast and keep working when a plugin is broken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from stune.errors import UserError
+
+USAGE = """\
+st-train [--plugin NAME ...] [--config PATH] [--key=value ...]
+       st-train COMMAND [...]
+
+Train a LoRA on a diffusion transformer. With no command, trains with config/config.json
+(SimpleTuner format; JSON or TOML) and any --key=value overrides.
+
+commands:
+  train      train (the default)
+  plugins    list installed plugins and what each provides (JSON)
+  options    list every option with its default and help
+  check      check a config and its datasets without training
+  demo       train a LoRA on a tiny generated model and dataset, on the CPU, in a few minutes
+
+Run `st-train COMMAND --help` for a command's arguments.
+"""
+
+BUILTIN_COMMANDS = ("train", "plugins", "options", "check", "demo")
+
+
+def _plugin_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        metavar="NAME",
+        help="load only this plugin (repeatable): an installed name (flux) or a .py file",
+    )
+
+
+def _train_parser(prog: str = "st-train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Train with a SimpleTuner-style config; any other --key=value overrides an option.",
+    )
+    _plugin_argument(parser)
+    parser.add_argument("--config", metavar="PATH", help="config file (default: config/config.json or .toml)")
+    return parser
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_train(argv: Sequence[str]) -> int:
+    parser = _train_parser("st-train train")
+    args, rest = parser.parse_known_args(argv)
+    from stune.config import parse_overrides
+    from stune.session import prepare
+
+    session = prepare(args.plugin, args.config, parse_overrides(list(rest)))
+    _setup_logging()
+    from stune.train import train
+
+    train(session)
+    return 0
+
+
+def cmd_plugins(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="st-train plugins", description="List installed plugins as JSON.")
+    parser.add_argument("--all", action="store_true", help="include the core's built-in hook implementations")
+    _plugin_argument(parser)
+    args = parser.parse_args(argv)
+    from stune.plugins import PluginHost
+
+    host = PluginHost.build(args.plugin)
+    print(json.dumps(host.listing(include_defaults=args.all), indent=2))
+    return 0
+
+
+def cmd_options(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="st-train options", description="List every option, its default and help.")
+    _plugin_argument(parser)
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    from stune.config import CoreOptions
+    from stune.plugins import PluginHost
+
+    host = PluginHost.build(args.plugin)
+    groups: list[tuple[str, Any]] = [("core", CoreOptions), *host.option_models]
+    rows = []
+    for owner, model in groups:
+        for name, field in model.model_fields.items():
+            rows.append(
+                {
+                    "option": name,
+                    "plugin": owner,
+                    "default": field.default if not callable(field.default) else None,
+                    "type": _type_name(field.annotation),
+                    "help": field.description or "",
+                }
+            )
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    current = None
+    for row in rows:
+        if row["plugin"] != current:
+            current = row["plugin"]
+            print(f"\n[{current}]")
+        print(f"  {row['option']} ({row['type']}, default {row['default']!r})\n      {row['help']}")
+    return 0
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) or str(annotation)
+    return text.replace("typing.", "")
+
+
+def cmd_check(argv: Sequence[str]) -> int:
+    parser = _train_parser("st-train check")
+    parser.description = "Check the config and its datasets (files, captions, sizes) without loading any model."
+    parser.add_argument("--json", action="store_true", help="print the dataset report as JSON")
+    args, rest = parser.parse_known_args(argv)
+    from stune.config import parse_overrides
+    from stune.data.report import check_datasets
+    from stune.session import prepare
+
+    session = prepare(args.plugin, args.config, parse_overrides(list(rest)))
+    report = check_datasets(session.config, session.family)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.as_text())
+    return 0
+
+
+def cmd_demo(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="st-train demo",
+        description="Build a tiny random model of a family and a small generated dataset, then train a LoRA on it.",
+    )
+    _plugin_argument(parser)
+    parser.add_argument("--dir", default="demo", help="where the demo model, data and outputs go (default: demo)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
+    args = parser.parse_args(argv)
+    from stune.demo import run_demo
+
+    return run_demo(args.plugin, args.dir, args.steps)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: " + USAGE)
+        return 0
+    command = argv[0] if argv and not argv[0].startswith("-") else "train"
+    rest = argv[1:] if argv and not argv[0].startswith("-") else argv
+    handlers = {"train": cmd_train, "plugins": cmd_plugins, "options": cmd_options, "check": cmd_check, "demo": cmd_demo}
+    try:
+        if command in handlers:
+            return handlers[command](rest)
+        return _plugin_command(command, rest)
+    except UserError as exc:
+        if os.environ.get("STUNE_RAISE_ERRORS"):
+            raise
+        print(f"st-train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("st-train: interrupted", file=sys.stderr)
+        return 130
+
+
+def _plugin_command(command: str, argv: Sequence[str]) -> int:
+    from stune.plugins import PluginHost
+
+    host = PluginHost.build()
+    if command not in host.commands:
+        known = ", ".join([*BUILTIN_COMMANDS, *sorted(host.commands)])
+        raise UserError(f"Unknown command `{command}`; commands are: {known}.")
+    spec = host.commands[command]
+    parser = argparse.ArgumentParser(prog=f"st-train {command}", description=spec.help)
+    spec.add_arguments(parser)
+    return int(spec.run(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Datasets: configuration, discovery, image preparation, caches and batching."""

@@ -1,0 +1,317 @@
+"""The training run, top to bottom (DESIGN.md §3).
+
+setup → scan datasets → load (+ quantize) → caches → drop text encoders → adapter (+ features)
+→ optimizer → resume → loop (batch → noise, σ → family forward → loss → backward → clip → step)
+→ export. Plugins take part through the hooks at phase boundaries; the step itself calls only
+the family's ``predict`` and the ``compute_loss`` hook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from stune import checkpoint
+from stune._defaults import weight_dtype
+from stune.adapters import add_lora, load_lora_into, trainable_parameters
+from stune.data.loader import BatchLoader, BatchPlan
+from stune.data.prepare import fill_caches, plan_caches, scan
+from stune.errors import UserError
+from stune.flow import noisy_inputs, resolution_shift, sample_sigmas
+from stune.metrics import MetricsLog
+from stune.session import Session
+from stune.state import TrainState
+from stune.validation import render, validation_prompts
+
+log = logging.getLogger("stune.train")
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    adapter_files: list[Path]
+    final_step: int
+    checkpoints: list[Path] = field(default_factory=list)
+    validation_images: list[Path] = field(default_factory=list)
+    encoded_latents: int = 0
+    encoded_captions: int = 0
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN or infinite."""
+
+
+def train(session: Session) -> TrainResult:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    config, family, host = session.config, session.family, session.host
+    output_dir = Path(config.output_dir)
+    started = time.perf_counter()
+
+    # -- setup --------------------------------------------------------------------------------
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    device = accelerator.device
+    resume_from = checkpoint.resolve_resume(output_dir, config.resume_from_checkpoint)
+    resumed = checkpoint.read_state(resume_from) if resume_from else None
+    # A run without a seed picks one and records it, so a resumed run replays the same batches.
+    seed = int(resumed["seed"]) if resumed else (config.seed if config.seed is not None else random.randrange(2**31))
+    set_seed(seed)
+
+    # -- data scan, model, caches ------------------------------------------------------------------
+    report = scan(config, family)  # fails fast, before any weights are read
+    prompts = validation_prompts(config)
+    cache_plan = plan_caches(config, family, report, list(prompts.values()))
+    missing_captions = len(cache_plan.missing_captions)
+    log.info("caches: %d latents and %d captions to encode", cache_plan.missing_latents, missing_captions)
+    components = host.hook.load_model(family=family, config=config, device=device, text_encoders=missing_captions > 0)
+    host.hook.quantize(components=components, family=family, config=config)
+    data = fill_caches(cache_plan, config, family, components, host)
+    if accelerator.is_main_process:
+        report.write(output_dir)
+    for ds in report.datasets:
+        for skipped in ds.skipped:
+            log.warning("dataset %s: skipped %s (%s) %s", ds.dataset.id, skipped.path, skipped.reason, skipped.detail)
+    # Text encoders are not needed once every caption is cached; free their memory now.
+    components.text_encoders.clear()
+    if components.vae is not None and device.type != "cpu":
+        components.vae.to("cpu")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+    # -- adapter and features -------------------------------------------------------------------------
+    transformer = components.transformer.to(device)
+    add_lora(transformer, family, config)
+    if config.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    host.hook.route_tokens(family=family, transformer=transformer, config=config)
+    transformer.train()
+
+    # -- optimizer, schedule --------------------------------------------------------------------------
+    params = trainable_parameters(transformer)
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+    plan = BatchPlan(data.samples, config.train_batch_size, seed, config.caption_dropout_probability)
+    for size, count in plan.dropped_buckets.items():
+        log.warning("bucket %dx%d has %d samples, fewer than a batch: not trained on", *size, count)
+    accumulation = config.gradient_accumulation_steps
+    steps_per_epoch = max(1, plan.batches_per_epoch // accumulation)
+    max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
+    if max_steps <= 0:
+        raise UserError("Nothing to train: set max_train_steps or num_train_epochs above 0.")
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=max_steps,
+        num_cycles=config.lr_num_cycles,
+        power=config.lr_power,
+    )
+    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    noise_generator = torch.Generator(device=device).manual_seed(seed)
+    state = TrainState(max_train_steps=max_steps, output_dir=output_dir, is_main_process=accelerator.is_main_process)
+
+    # -- resume -----------------------------------------------------------------------------------------
+    if resume_from is not None and resumed is not None:
+        load_lora_into(accelerator.unwrap_model(transformer), family, resume_from / ADAPTER_FILE)
+        optimizer.load_state_dict(resumed["optimizer"])
+        lr_scheduler.load_state_dict(resumed["lr_scheduler"])
+        checkpoint.restore_rng(resumed["rng"])
+        noise_generator.set_state(resumed["noise_generator"].to(noise_generator.get_state().device))
+        state.restore(resumed["state"])
+        log.info("resumed from %s at step %d", resume_from, state.global_step)
+
+    def save_checkpoint() -> Path:
+        def write(folder: Path) -> None:
+            host.hook.save_adapter(
+                family=family, transformer=accelerator.unwrap_model(transformer), output_dir=folder, config=config
+            )
+            checkpoint.write_state(
+                folder,
+                {
+                    "seed": seed,
+                    "state": state.to_json(),
+                    "optimizer": optimizer.state_dict(),
+                    "lr_scheduler": lr_scheduler.state_dict(),
+                    "rng": checkpoint.capture_rng(),
+                    "noise_generator": noise_generator.get_state(),
+                },
+            )
+            (folder / "training_state.json").write_text(json.dumps({"seed": seed, **state.to_json()}, indent=2))
+
+        path = checkpoint.save(output_dir, state.global_step, write, config.checkpoints_total_limit)
+        host.hook.on_checkpoint_saved(state=state, path=path)
+        return path
+
+    def validate() -> list[Path]:
+        if not prompts or not accelerator.is_main_process:
+            return []
+        if components.vae is not None:
+            components.vae.to(device)
+        images = render(family, components, accelerator.unwrap_model(transformer), config, data.text_cache, state.global_step, output_dir)
+        if components.vae is not None and device.type != "cpu":
+            components.vae.to("cpu")
+        host.hook.on_validation_done(state=state, images=images)
+        return images
+
+    shift_parameters = family.shift_parameters(components)
+    dtype = weight_dtype(config)
+
+    def micro_step_loss(batch: dict[str, Any]) -> torch.Tensor:
+        mean = batch["latent_mean"].to(device, torch.float32, non_blocking=True)
+        std = batch["latent_std"].to(device, torch.float32, non_blocking=True)
+        latents = mean + std * torch.randn(mean.shape, generator=noise_generator, device=device)
+        noise = torch.randn(latents.shape, generator=noise_generator, device=device)
+        if config.flow_schedule_auto_shift:
+            seq_len = family.sequence_length(latents.shape[-2], latents.shape[-1])
+            shift = resolution_shift(seq_len, *shift_parameters)
+        else:
+            shift = config.flow_schedule_shift
+        sigmas = sample_sigmas(
+            latents.shape[0],
+            sigmoid_scale=config.flow_sigmoid_scale,
+            shift=shift,
+            generator=noise_generator,
+            device=device,
+        )
+        embeds = {
+            k: v.to(device, dtype if v.is_floating_point() else v.dtype, non_blocking=True)
+            for k, v in batch["embeds"].items()
+        }
+        prepared = {
+            **batch,
+            "latents": latents,
+            "noise": noise,
+            "sigmas": sigmas,
+            "noisy_latents": noisy_inputs(latents, noise, sigmas).to(dtype),
+            "embeds": embeds,
+        }
+        with accelerator.autocast():
+            prediction = family.predict(transformer, prepared)
+        loss: torch.Tensor = host.hook.compute_loss(
+            prediction=prediction, target=noise - latents, batch=prepared, config=config, state=state
+        )
+        return loss
+
+    # -- loop ---------------------------------------------------------------------------------------------
+    loader = BatchLoader(plan, data.text_cache)
+    metrics = MetricsLog(output_dir, state.global_step) if accelerator.is_main_process else None
+    samples_per_step = config.train_batch_size * accumulation * accelerator.num_processes
+    result = TrainResult(output_dir, [], 0, encoded_latents=data.encoded_latents, encoded_captions=data.encoded_captions)
+    log.info(
+        "training %d steps from step %d (%d batches of %d per epoch, %d accumulation, seed %d); start-up took %.1f s",
+        max_steps,
+        state.global_step,
+        plan.batches_per_epoch,
+        config.train_batch_size,
+        accumulation,
+        seed,
+        time.perf_counter() - started,
+    )
+    host.hook.on_train_start(state=state, config=config)
+    progress = tqdm(
+        total=max_steps, initial=state.global_step, desc="training", unit="step", disable=not accelerator.is_main_process
+    )
+    micro = 0
+    loss_sum = torch.zeros((), device=device)
+    last_batch_paths: list[str] = []
+    step_started = time.perf_counter()
+    while state.global_step < max_steps:
+        for batch in loader.iterate(state.epoch, state.batches_in_epoch):
+            micro += 1
+            sync = micro == accumulation
+            with contextlib.nullcontext() if sync else accelerator.no_sync(transformer):
+                loss = micro_step_loss(batch)
+                accelerator.backward(loss / accumulation)
+            loss_sum += loss.detach()
+            last_batch_paths = batch["paths"]
+            state.batches_in_epoch += 1
+            if not sync:
+                continue
+            grads = [p.grad for p in params if p.grad is not None]
+            grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            if config.max_grad_norm > 0:
+                if config.grad_clip_method == "norm":
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                else:
+                    accelerator.clip_grad_value_(params, config.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.global_step += 1
+            step_loss = float(loss_sum) / accumulation
+            micro, loss_sum = 0, torch.zeros((), device=device)
+            if not math.isfinite(step_loss):
+                raise NonFiniteLoss(
+                    f"The loss became {step_loss} at step {state.global_step} (batch: {', '.join(last_batch_paths)}); "
+                    "lower learning_rate or check those images; the last good checkpoint is kept."
+                )
+            now = time.perf_counter()
+            seconds, step_started = now - step_started, now
+            record = {
+                "step": state.global_step,
+                "epoch": state.epoch,
+                "loss": step_loss,
+                "lr": lr_scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "step_seconds": seconds,
+                "samples_per_second": samples_per_step / seconds if seconds > 0 else 0.0,
+            }
+            if metrics is not None:
+                metrics.write(record)
+                host.hook.on_step_end(state=state, metrics=record)
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}")
+            progress.update(1)
+            at_end = state.global_step >= max_steps
+            interval = config.checkpoint_step_interval
+            if interval and state.global_step % interval == 0 and not at_end:
+                result.checkpoints.append(save_checkpoint())
+            v_interval = config.validation_step_interval
+            if v_interval and state.global_step % v_interval == 0 and not at_end:
+                result.validation_images += validate()
+            if at_end:
+                break
+            step_started = time.perf_counter()  # time spent saving/validating is not step time
+        else:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+            continue
+        break
+    progress.close()
+
+    # -- export ---------------------------------------------------------------------------------------
+    if config.checkpoint_step_interval:
+        result.checkpoints.append(save_checkpoint())
+    result.validation_images += validate()
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        result.adapter_files = host.hook.save_adapter(
+            family=family, transformer=accelerator.unwrap_model(transformer), output_dir=output_dir, config=config
+        )
+        (output_dir / "plugins.json").write_text(json.dumps(host.listing(), indent=2))
+        host.hook.on_train_end(state=state, output_dir=output_dir)
+        if metrics is not None:
+            metrics.close()
+    accelerator.wait_for_everyone()
+    result.final_step = state.global_step
+    log.info("done: %d steps; adapter in %s", state.global_step, output_dir)
+    return result

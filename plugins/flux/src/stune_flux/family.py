@@ -1,0 +1,290 @@
+"""The FLUX.1 family, top to bottom: what it is, loading, text, latents, forward, outputs.
+
+FLUX.1 is a rectified-flow transformer (19 double-stream + 38 single-stream blocks) conditioned
+on CLIP-L's pooled embedding and T5-XXL's token embeddings. Latents (16 channels, 1/8 of the
+image side) are packed into 2×2 patches, so the transformer sees (h/2)·(w/2) image tokens with 3-D
+position ids; dev-type models also take the guidance value as an input.
+
+torch/diffusers/transformers are imported inside methods: registering the family stays light.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from stune.errors import ConfigError, UserError
+from stune.family import Components, ModelFamily, ValidationRequest
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+_ATTENTION = ("to_k", "to_q", "to_v", "to_qkv", "to_out.0")
+_CONTEXT = ("add_k_proj", "add_q_proj", "add_v_proj", "add_qkv_proj", "to_add_out")
+_FFS = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out")
+_ALL = (*_ATTENTION[:3], "to_qkv", "add_qkv_proj", "add_k_proj", "add_q_proj", "add_v_proj", "to_out.0", "to_add_out")
+
+
+class FluxFamily(ModelFamily):
+    name = "flux"
+    description = "FLUX.1 (dev, krea, schnell, kontext, fluxbooru, libreflux): CLIP-L + T5-XXL, 2×2 packed latents."
+    flavours: ClassVar[dict[str, str]] = {
+        "dev": "black-forest-labs/FLUX.1-dev",
+        "krea": "black-forest-labs/FLUX.1-Krea-dev",
+        "schnell": "black-forest-labs/FLUX.1-schnell",
+        "kontext": "black-forest-labs/FLUX.1-Kontext-dev",
+        "fluxbooru": "terminusresearch/fluxbooru-v0.3",
+        "libreflux": "jimmycarter/LibreFlux-SimpleTuner",
+    }
+    default_flavour = "krea"
+    alignment = 64
+    latent_channels = 16
+    lora_presets: ClassVar[dict[str, tuple[str, ...]]] = {
+        "all": _ALL,
+        "context": _CONTEXT,
+        "context+ffs": (*_CONTEXT, "ff_context.net.0.proj", "ff_context.net.2"),
+        "all+ffs": (*_ALL, *_FFS),
+        "all+ffs+embedder": (*_ALL, *_FFS, "x_embedder"),
+        "ai-toolkit": (*_ALL, *_FFS, "norm.linear", "norm1.linear", "norm1_context.linear"),
+        "tiny": ("single_transformer_blocks.7.proj_out", "single_transformer_blocks.20.proj_out"),
+        "nano": ("single_transformer_blocks.7.proj_out",),
+    }
+    lora_preset_option = "flux_lora_target"
+    default_lora_preset = "all"
+    routable_blocks = ("transformer_blocks", "single_transformer_blocks")
+    quantization_exclusions = (
+        "*.norm",
+        "*.norm1",
+        "*.norm2",
+        "*.norm2_context",
+        "proj_out",
+        "x_embedder",
+        "norm_out",
+        "context_embedder",
+    )
+    config_defaults: ClassVar[dict[str, Any]] = {
+        "validation_guidance": 3.5,
+        "validation_num_inference_steps": 20,
+        "validation_resolution": "1024x1024",
+    }
+    #: T5 token limit per flavour (schnell was distilled at 256).
+    max_t5_tokens: ClassVar[dict[str, int]] = {"schnell": 256}
+
+    # -- configuration --------------------------------------------------------------------------
+    def apply_defaults(self) -> None:
+        super().apply_defaults()
+        cfg = self.config
+        if cfg.tokenizer_max_length is None:
+            cfg.tokenizer_max_length = self.max_t5_tokens.get(self.flavour or "", 512)
+        if self.flavour == "libreflux" and "flux_attention_masked_training" not in cfg.model_fields_set:
+            cfg.flux_attention_masked_training = True  # type: ignore[attr-defined]
+
+    def check_config(self) -> None:
+        super().check_config()
+        limit = self.max_t5_tokens.get(self.flavour or "", 512)
+        if self.config.tokenizer_max_length and self.config.tokenizer_max_length > limit:
+            raise ConfigError(
+                f"tokenizer_max_length {self.config.tokenizer_max_length} is longer than FLUX {self.flavour} "
+                f"was trained with; use at most {limit}."
+            )
+
+    def cache_identity(self) -> dict[str, Any]:
+        return {
+            **super().cache_identity(),
+            "t5_padding": self.config.t5_padding,  # type: ignore[attr-defined]
+        }
+
+    # -- loading -----------------------------------------------------------------------------------
+    def load(self, device: torch.device, weight_dtype: torch.dtype, text_encoders: bool = True) -> Components:
+        import torch
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+        from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+        cfg = self.config
+        path = self.model_path()
+        common = {"revision": cfg.revision}
+        try:
+            tokenizers = {
+                "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common),
+                "tokenizer_2": T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2", **common),
+            }
+            encoders: dict[str, Any] = {}
+            if text_encoders:
+                # T5 overflows in fp16; it runs in bf16 (or fp32) whatever the training precision.
+                t5_dtype = torch.bfloat16 if weight_dtype == torch.float16 else weight_dtype
+                encoders["text_encoder"] = CLIPTextModel.from_pretrained(
+                    path, subfolder="text_encoder", dtype=weight_dtype, **common
+                )
+                encoders["text_encoder_2"] = T5EncoderModel.from_pretrained(
+                    path, subfolder="text_encoder_2", dtype=t5_dtype, **common
+                )
+            vae_path = cfg.pretrained_vae_model_name_or_path or path
+            vae = AutoencoderKL.from_pretrained(vae_path, subfolder=_subfolder(vae_path, "vae"), torch_dtype=weight_dtype)
+            if cfg.pretrained_transformer_model_name_or_path:
+                t_path, t_sub = cfg.pretrained_transformer_model_name_or_path, cfg.pretrained_transformer_subfolder
+            else:
+                t_path, t_sub = path, "transformer"
+            transformer = FluxTransformer2DModel.from_pretrained(
+                t_path, subfolder=t_sub, torch_dtype=weight_dtype, **common
+            )
+            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", **common)
+        except (OSError, ValueError) as exc:
+            raise UserError(
+                f"Could not load the FLUX model from {path!r}: {str(exc).splitlines()[0]}; check "
+                "pretrained_model_name_or_path (a local diffusers folder, or a Hub id you can access — "
+                "gated repositories need `huggingface-cli login`)."
+            ) from exc
+        for module in (*encoders.values(), vae, transformer):
+            module.requires_grad_(False)
+            module.eval()
+        for encoder in encoders.values():
+            encoder.to(device)
+        vae.to(device)
+        return Components(
+            transformer=transformer, vae=vae, text_encoders=encoders, tokenizers=tokenizers, scheduler=scheduler
+        )
+
+    # -- text ----------------------------------------------------------------------------------------
+    def encode_prompts(self, components: Components, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
+        clip, t5 = components.text_encoders["text_encoder"], components.text_encoders["text_encoder_2"]
+        clip_tok, t5_tok = components.tokenizers["tokenizer"], components.tokenizers["tokenizer_2"]
+        clip_ids = clip_tok(
+            prompts, padding="max_length", max_length=clip_tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        pooled = clip(clip_ids.to(clip.device), output_hidden_states=False).pooler_output
+        t5_in = t5_tok(
+            prompts,
+            padding="max_length",
+            max_length=self.config.tokenizer_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        # The FLUX pipeline encodes without an attention mask; training must see the same embeddings.
+        embeds = t5(t5_in.input_ids.to(t5.device), output_hidden_states=False)[0]
+        mask = t5_in.attention_mask.to(embeds.device)
+        if self.config.t5_padding == "zero":  # type: ignore[attr-defined]
+            embeds = embeds * mask.unsqueeze(-1).to(embeds.dtype)
+        return [
+            {
+                "prompt_embeds": embeds[i].cpu(),
+                "pooled_prompt_embeds": pooled[i].cpu(),
+                "attention_mask": mask[i].to("cpu", dtype=embeds.dtype),
+            }
+            for i in range(len(prompts))
+        ]
+
+    # -- latents -------------------------------------------------------------------------------------
+    def encode_images(self, components: Components, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        vae = components.vae
+        dist = vae.encode(pixels).latent_dist
+        shift, scale = vae.config.shift_factor or 0.0, vae.config.scaling_factor
+        return {"mean": ((dist.mean - shift) * scale).float(), "std": (dist.std * scale).float()}
+
+    # -- forward ---------------------------------------------------------------------------------------
+    def predict(self, transformer: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        import torch
+        from diffusers import FluxPipeline
+
+        latents = batch["noisy_latents"]
+        b, c, h, w = latents.shape
+        embeds = batch["embeds"]
+        config = getattr(transformer, "module", transformer).config
+        packed = FluxPipeline._pack_latents(latents, b, c, h, w)
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
+        text = embeds["prompt_embeds"]
+        txt_ids = torch.zeros(text.shape[1], 3, device=latents.device, dtype=latents.dtype)
+        guidance = None
+        if config.guidance_embeds:
+            guidance = torch.full((b,), self.config.flux_guidance_value, device=latents.device)  # type: ignore[attr-defined]
+        attention = None
+        if self.config.flux_attention_masked_training:  # type: ignore[attr-defined]
+            # Text padding is masked out; every image token is attended to.
+            image_mask = torch.ones(b, packed.shape[1], device=latents.device, dtype=torch.bool)
+            keep = torch.cat([embeds["attention_mask"].bool(), image_mask], dim=1)
+            attention = {"attention_mask": keep[:, None, None, :]}
+        out = transformer(
+            hidden_states=packed,
+            timestep=batch["sigmas"].to(latents.dtype),  # the transformer multiplies by 1000
+            guidance=guidance,
+            pooled_projections=embeds["pooled_prompt_embeds"],
+            encoder_hidden_states=text,
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            joint_attention_kwargs=attention,
+            return_dict=False,
+        )[0]
+        return FluxPipeline._unpack_latents(out, h * self.vae_scale_factor, w * self.vae_scale_factor, self.vae_scale_factor)
+
+    # -- outputs -----------------------------------------------------------------------------------------
+    def save_lora(self, output_dir: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
+        from diffusers import FluxPipeline
+
+        FluxPipeline.save_lora_weights(
+            output_dir, transformer_lora_layers=state_dict, transformer_lora_adapter_metadata=metadata
+        )
+        return output_dir / "pytorch_lora_weights.safetensors"
+
+    def load_lora(self, path: Path) -> dict[str, torch.Tensor]:
+        from diffusers import FluxPipeline
+
+        state_dict = FluxPipeline.lora_state_dict(str(path))
+        prefix = "transformer."
+        return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+    def render_validation(
+        self, components: Components, transformer: torch.nn.Module, requests: list[ValidationRequest]
+    ) -> list[Image.Image]:
+        import torch
+        from diffusers import FluxPipeline
+
+        pipe = FluxPipeline(
+            scheduler=components.scheduler,
+            vae=components.vae,
+            text_encoder=None,
+            tokenizer=None,
+            text_encoder_2=None,
+            tokenizer_2=None,
+            transformer=transformer,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        device = next(transformer.parameters()).device
+        dtype = components.vae.dtype
+        images = []
+        for request in requests:
+            images.append(
+                pipe(
+                    prompt_embeds=request.embeds["prompt_embeds"][None].to(device, dtype),
+                    pooled_prompt_embeds=request.embeds["pooled_prompt_embeds"][None].to(device, dtype),
+                    width=request.width,
+                    height=request.height,
+                    num_inference_steps=self.config.validation_num_inference_steps,
+                    guidance_scale=self.config.validation_guidance,
+                    generator=torch.Generator("cpu").manual_seed(request.seed),
+                    max_sequence_length=self.config.tokenizer_max_length or 512,
+                ).images[0]
+            )
+        return images
+
+    def loading_example(self, output_dir: Path) -> str:
+        return (
+            "    import torch\n"
+            "    from diffusers import FluxPipeline\n"
+            f"    pipe = FluxPipeline.from_pretrained({self.model_path()!r})\n"
+            f"    pipe.load_lora_weights({str(output_dir)!r})\n"
+            "    image = pipe(\"your prompt\", num_inference_steps=20).images[0]"
+        )
+
+    @classmethod
+    def build_demo(cls, workdir: Path) -> Path:
+        from stune_flux.tiny import build_demo
+
+        return build_demo(workdir)
+
+
+def _subfolder(path: str, name: str) -> str | None:
+    """A local folder that is itself a component (has config.json) has no subfolder."""
+    local = Path(path)
+    if local.is_dir() and (local / "config.json").is_file() and not (local / name).is_dir():
+        return None
+    return name

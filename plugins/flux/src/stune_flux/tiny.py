@@ -1,0 +1,211 @@
+"""A tiny random-weight FLUX pipeline and a generated dataset, for the demo and the tests.
+
+The components are the real classes (FluxTransformer2DModel, AutoencoderKL, CLIPTextModel,
+T5EncoderModel, FlowMatchEulerDiscreteScheduler) at toy sizes, with CLIP and T5 tokenizers
+trained on the fly from a small caption corpus, saved in the standard diffusers folder layout,
+so training loads them through the same ``from_pretrained`` code as a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 210, 40),
+    "purple": (140, 50, 170),
+    "orange": (240, 140, 30),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+
+
+def caption_corpus() -> list[str]:
+    words = [f"a {c} {s} on a {b} background" for c in COLOURS for s in SHAPES for b in COLOURS if b != c]
+    return words + ["a photo of a cat", "a painting of a house", "the quick brown fox jumps over the lazy dog"]
+
+
+def build_tiny_flux(path: Path, seed: int = 0, *, num_single_layers: int = 2, guidance_embeds: bool = True) -> Path:
+    """Save a tiny FLUX pipeline (random weights) at ``path``; returns ``path``."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+    corpus = caption_corpus() * 4
+    clip_tok = CLIPTokenizer().train_new_from_iterator(corpus, vocab_size=600)
+    clip_tok.model_max_length = 77
+    t5_tok = T5Tokenizer(extra_ids=0).train_new_from_iterator(corpus, vocab_size=300)
+    t5_tok.model_max_length = 512
+
+    torch.manual_seed(seed)
+    hidden = 32
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(clip_tok),
+            hidden_size=hidden,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=hidden,
+            bos_token_id=clip_tok.bos_token_id,
+            eos_token_id=clip_tok.eos_token_id,
+            pad_token_id=clip_tok.pad_token_id,
+        )
+    )
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tok),
+            d_model=hidden,
+            d_ff=64,
+            d_kv=8,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=t5_tok.pad_token_id,
+            eos_token_id=t5_tok.eos_token_id,
+            decoder_start_token_id=t5_tok.pad_token_id,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=num_single_layers,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=hidden,
+        pooled_projection_dim=hidden,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        base_shift=0.5,
+        max_shift=1.15,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tok,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tok,
+        transformer=transformer,
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(path)
+    return path
+
+
+def draw_shape(colour: str, shape: str, background: str, size: int, rng: random.Random):  # type: ignore[no-untyped-def]
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size), COLOURS[background])
+    draw = ImageDraw.Draw(img)
+    r = size * rng.uniform(0.22, 0.32)
+    cx, cy = size / 2 + rng.uniform(-0.1, 0.1) * size, size / 2 + rng.uniform(-0.1, 0.1) * size
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        draw.ellipse(box, fill=COLOURS[colour])
+    elif shape == "square":
+        draw.rectangle(box, fill=COLOURS[colour])
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[colour])
+    return img
+
+
+def build_dataset(folder: Path, count: int = 12, size: int = 96, seed: int = 0) -> Path:
+    """Coloured shapes with a caption .txt beside each image."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(COLOURS)
+    for i in range(count):
+        colour, background = rng.sample(names, 2)
+        shape = SHAPES[i % len(SHAPES)]
+        draw_shape(colour, shape, background, size, rng).save(folder / f"shape_{i:03d}.png")
+        (folder / f"shape_{i:03d}.txt").write_text(f"a {colour} {shape} on a {background} background\n")
+    return folder
+
+
+def build_demo(workdir: Path) -> Path:
+    """Tiny model + dataset + SimpleTuner-style config under ``workdir``; returns the config path."""
+    model = workdir / "model"
+    if not (model / "model_index.json").is_file():
+        build_tiny_flux(model)
+    data = workdir / "datasets" / "shapes"
+    if not data.is_dir():
+        build_dataset(data)
+    config_dir = workdir / "config"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    (config_dir / "multidatabackend.json").write_text(
+        json.dumps(
+            [
+                {
+                    "id": "shapes",
+                    "type": "local",
+                    "instance_data_dir": str(data),
+                    "caption_strategy": "textfile",
+                    "resolution": 64,
+                    "resolution_type": "pixel_area",
+                    "cache_dir_vae": str(workdir / "cache" / "vae" / "shapes"),
+                    "repeats": 0,
+                },
+                {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": True,
+                 "cache_dir": str(workdir / "cache" / "text")},
+            ],
+            indent=2,
+        )
+    )
+    config = {
+        "model_family": "flux",
+        "model_type": "lora",
+        "pretrained_model_name_or_path": str(model),
+        "output_dir": str(workdir / "output"),
+        "data_backend_config": str(config_dir / "multidatabackend.json"),
+        "lora_rank": 8,
+        "learning_rate": "1e-3",
+        "train_batch_size": 2,
+        "max_train_steps": 60,
+        "lr_scheduler": "constant_with_warmup",
+        "lr_warmup_steps": 5,
+        "mixed_precision": "no",
+        "gradient_checkpointing": "false",
+        "seed": 42,
+        "tokenizer_max_length": 32,
+        "caption_dropout_probability": 0.1,
+        "checkpoint_step_interval": 20,
+        "checkpoints_total_limit": 2,
+        "validation_prompt": "a red circle on a blue background",
+        "validation_step_interval": 30,
+        "validation_resolution": "64x64",
+        "validation_num_inference_steps": 8,
+        "validation_guidance": 3.5,
+        "validation_seed": 0,
+    }
+    path = config_dir / "config.json"
+    path.write_text(json.dumps(config, indent=2))
+    return path
