@@ -80,4 +80,3 @@ class QuantizeDispatch:
                 holder.transformer = quantizer.quantize(holder.transformer, precision, exclude, config)
             else:
                 holder[key] = quantizer.quantize(holder[key], precision, (), config)
-

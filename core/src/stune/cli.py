@@ -56,7 +56,9 @@ def _train_parser(prog: str = "st-train") -> argparse.ArgumentParser:
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     for noisy in ("httpx", "urllib3", "filelock", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -162,7 +164,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command = argv[0] if argv and not argv[0].startswith("-") else "train"
     rest = argv[1:] if argv and not argv[0].startswith("-") else argv
-    handlers = {"train": cmd_train, "plugins": cmd_plugins, "options": cmd_options, "check": cmd_check, "demo": cmd_demo}
+    handlers = {
+        "train": cmd_train,
+        "plugins": cmd_plugins,
+        "options": cmd_options,
+        "check": cmd_check,
+        "demo": cmd_demo,
+    }
     try:
         if command in handlers:
             return handlers[command](rest)

@@ -95,7 +95,9 @@ class CoreOptions(Options):
     )
     instance_prompt: str | None = Field(None, description="Caption for caption_strategy=instanceprompt.")
     cache_dir: str = Field("cache", description="Root folder of the latent and text-embedding caches.")
-    cache_dir_vae: str | None = Field(None, description="VAE latent cache folder; default <cache_dir>/vae/<dataset id>.")
+    cache_dir_vae: str | None = Field(
+        None, description="VAE latent cache folder; default <cache_dir>/vae/<dataset id>."
+    )
     cache_dir_text: str | None = Field(None, description="Text-embedding cache folder; default <cache_dir>/text.")
     vae_batch_size: int = Field(4, gt=0, description="Images per VAE forward while caching.")
     caption_dropout_probability: float = Field(
@@ -183,11 +185,11 @@ class CoreOptions(Options):
         explicit = self.model_fields_set
         if self.flow_schedule_auto_shift and "flow_schedule_shift" in explicit and self.flow_schedule_shift > 0:
             raise ValueError(
-                "flow_schedule_auto_shift replaces flow_schedule_shift; remove flow_schedule_shift "
+                "`flow_schedule_auto_shift` replaces `flow_schedule_shift`; remove flow_schedule_shift "
                 "or set it to 0, or turn auto shift off"
             )
         if self.lr_warmup_steps and self.lr_scheduler == "constant":
-            raise ValueError("lr_scheduler=constant ignores lr_warmup_steps; use constant_with_warmup")
+            raise ValueError("`lr_scheduler` constant ignores lr_warmup_steps; use constant_with_warmup")
         if self.pretrained_transformer_subfolder is not None and self.pretrained_transformer_subfolder.lower() in (
             "none",
             "",
@@ -227,7 +229,7 @@ def build_config_model(option_models: list[tuple[str, type[Options]]]) -> type[C
             bases.append(model)
     if not bases:
         return CoreOptions
-    return create_model("Config", __base__=(CoreOptions, *bases))  # type: ignore[call-overload,no-any-return]
+    return create_model("Config", __base__=(CoreOptions, *bases))  # type: ignore[call-overload,no-any-return,arg-type]
 
 
 def _same_field(a: Any, b: Any) -> bool:
@@ -295,7 +297,7 @@ def _one_sentence(error: ValidationError) -> str:
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     if not loc:
-        return msg[0].upper() + msg[1:] + "."
+        return msg + "."
     value = first.get("input")
     shown = f" = {value!r}" if not isinstance(value, dict) else ""
     return f"Option `{loc}`{shown} is invalid: {msg[0].lower() + msg[1:]}."

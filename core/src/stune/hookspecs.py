@@ -1,3 +1,4 @@
+# mypy: disable-error-code="empty-body"
 """The contract between the stune core and its plugins.
 
 Every hook is a plain function here with a docstring saying **when it fires**, whether the core
@@ -222,9 +223,7 @@ def route_tokens(family: ModelFamily, transformer: torch.nn.Module, config: Conf
 
 
 @hookspec(firstresult=True)
-def save_adapter(
-    family: ModelFamily, transformer: torch.nn.Module, output_dir: Path, config: Config
-) -> list[Path]:
+def save_adapter(family: ModelFamily, transformer: torch.nn.Module, output_dir: Path, config: Config) -> list[Path]:
     """Write the trained weights in their loadable format.
 
     Fires for every checkpoint and for the final export. *firstresult*: the default writes a

@@ -175,7 +175,14 @@ class PluginHost:
         for plugin in plugins:
             name = getattr(plugin, "__name__", None) or type(plugin).__name__
             host._register(plugin, PluginInfo(name=name, module=name))
-        host.pm.check_pending()
+        try:
+            host.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            name = host.pm.get_name(exc.plugin) or repr(exc.plugin)
+            raise PluginLoadError(
+                f"The plugin `{name}` implements a hook stune does not have ({exc}); "
+                "check the hook name against `stune.hookspecs`."
+            ) from exc
         host._collect_registrations()
         host.pm.register(_defaults.QuantizeDispatch(host.quantizers), name=DEFAULTS_NAME + ".quantize")
         return host
@@ -222,7 +229,7 @@ class PluginHost:
     def _collect_registrations(self) -> None:
         def walk(hook_name: str, kind: str, add: Callable[[str, Any], str]) -> None:
             caller = getattr(self.pm.hook, hook_name)
-            for impl in reversed(caller.get_hookimpls()):  # registration order
+            for impl in caller.get_hookimpls():  # registration order
                 plugin_name = impl.plugin_name
 
                 def register(obj: Any, *rest: Any, _plugin: str = plugin_name) -> None:
@@ -322,18 +329,12 @@ class PluginHost:
             return self.families[name]
         for entry in self.catalog.values():
             if name in entry.families:
-                return self._raise(
-                    PluginNotInstalled(
-                        f"model_family `{name}` needs the `{entry.name}` plugin; install it with "
-                        f"`pip install {entry.distribution}` (or add --plugin {entry.name})."
-                    )
+                raise PluginNotInstalled(
+                    f"model_family `{name}` needs the `{entry.name}` plugin; install it with "
+                    f"`pip install {entry.distribution}` (or add --plugin {entry.name})."
                 )
         known = ", ".join(sorted(self.families)) or "none installed"
         raise ConfigError(f"Unknown model_family `{name}`; installed families: {known}.")
-
-    @staticmethod
-    def _raise(error: Exception) -> Any:
-        raise error
 
     def neutral_options(self) -> dict[str, Any]:
         """Keys of plugins that are not loaded, with the values that ask nothing of them."""

@@ -167,7 +167,15 @@ def train(session: Session) -> TrainResult:
             return []
         if components.vae is not None:
             components.vae.to(device)
-        images = render(family, components, accelerator.unwrap_model(transformer), config, data.text_cache, state.global_step, output_dir)
+        images = render(
+            family,
+            components,
+            accelerator.unwrap_model(transformer),
+            config,
+            data.text_cache,
+            state.global_step,
+            output_dir,
+        )
         if components.vae is not None and device.type != "cpu":
             components.vae.to("cpu")
         host.hook.on_validation_done(state=state, images=images)
@@ -216,7 +224,9 @@ def train(session: Session) -> TrainResult:
     loader = BatchLoader(plan, data.text_cache)
     metrics = MetricsLog(output_dir, state.global_step) if accelerator.is_main_process else None
     samples_per_step = config.train_batch_size * accumulation * accelerator.num_processes
-    result = TrainResult(output_dir, [], 0, encoded_latents=data.encoded_latents, encoded_captions=data.encoded_captions)
+    result = TrainResult(
+        output_dir, [], 0, encoded_latents=data.encoded_latents, encoded_captions=data.encoded_captions
+    )
     log.info(
         "training %d steps from step %d (%d batches of %d per epoch, %d accumulation, seed %d); start-up took %.1f s",
         max_steps,
@@ -229,7 +239,11 @@ def train(session: Session) -> TrainResult:
     )
     host.hook.on_train_start(state=state, config=config)
     progress = tqdm(
-        total=max_steps, initial=state.global_step, desc="training", unit="step", disable=not accelerator.is_main_process
+        total=max_steps,
+        initial=state.global_step,
+        desc="training",
+        unit="step",
+        disable=not accelerator.is_main_process,
     )
     micro = 0
     loss_sum = torch.zeros((), device=device)

@@ -135,9 +135,10 @@ class LatentCache:
             except Exception as exc:  # corrupt or truncated file: skip it, say why
                 return f"{type(exc).__name__}: {exc}"
 
-        with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
-            total=len(todo), desc="caching latents", unit="image", leave=False
-        ) as bar:
+        with (
+            ThreadPoolExecutor(max_workers=workers) as pool,
+            tqdm(total=len(todo), desc="caching latents", unit="image", leave=False) as bar,
+        ):
             decoded = _bounded_map(pool, safe_prepare, [image for image, _ in todo], window=2 * workers + batch_size)
             batch: list[tuple[Path, np.ndarray]] = []
             for (image, target), array in zip(todo, decoded, strict=True):

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from stune.config import CoreOptions, DEFAULT_DATA_BACKEND_CONFIG, _one_sentence
+from stune.config import DEFAULT_DATA_BACKEND_CONFIG, CoreOptions, _one_sentence
 from stune.errors import ConfigError
 from stune.jsonfile import read_json
 from stune.options import AliasChoices, Options, option_names
-
-import difflib
 
 
 class DatasetConfig(Options):
@@ -37,7 +36,7 @@ class DatasetConfig(Options):
     @model_validator(mode="after")
     def _needs(self) -> DatasetConfig:
         if self.dataset_type == "image" and not self.disabled and not self.instance_data_dir:
-            raise ValueError(f"dataset `{self.id}` needs instance_data_dir (the folder of its images)")
+            raise ValueError(f"`instance_data_dir` is missing: dataset `{self.id}` needs the folder of its images")
         return self
 
 

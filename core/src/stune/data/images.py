@@ -74,11 +74,9 @@ def captions_for(path: Path, strategy: str, instance_prompt: str | None) -> list
 
 def square_side(resolution: float, resolution_type: str, alignment: int) -> int:
     """Side of the square training size for ``resolution``, rounded to ``alignment``."""
-    if resolution_type == "area":
-        side = math.sqrt(resolution * 1_000_000)
-    else:  # pixel and pixel_area both name an edge length for square crops
-        side = resolution
-    return max(alignment, int(round(side / alignment)) * alignment)
+    # pixel and pixel_area both name an edge length for square crops; area is in megapixels.
+    side = math.sqrt(resolution * 1_000_000) if resolution_type == "area" else resolution
+    return max(alignment, round(side / alignment) * alignment)
 
 
 def load_rgb(path: Path) -> Image.Image:

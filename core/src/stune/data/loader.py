@@ -72,7 +72,9 @@ class BatchPlan:
             captions = []
             for index in indices:
                 options = self.samples[index].captions
-                pick = options[int(torch.randint(len(options), (1,), generator=gen))] if len(options) > 1 else options[0]
+                pick = (
+                    options[int(torch.randint(len(options), (1,), generator=gen))] if len(options) > 1 else options[0]
+                )
                 dropped = float(torch.rand((), generator=gen)) < self.caption_dropout
                 captions.append(EMPTY_CAPTION if dropped else pick)
             planned.append(PlannedBatch(indices, captions))

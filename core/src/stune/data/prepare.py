@@ -86,7 +86,9 @@ def plan_caches(config: CoreOptions, family: ModelFamily, report: Report, extra_
     jobs = {}
     for ds_report in report.datasets:
         cache = LatentCache(ds_report.dataset.latent_cache_dir, {"kind": "latent", **identity})
-        jobs[ds_report.dataset.id] = [(r.path, cache.path(r.path, ds_report.size, "center")) for r in ds_report.scan.records]
+        jobs[ds_report.dataset.id] = [
+            (r.path, cache.path(r.path, ds_report.size, "center")) for r in ds_report.scan.records
+        ]
     captions = [c for d in report.datasets for r in d.scan.records for c in r.captions]
     return CachePlan(report, text_cache, jobs, [*captions, EMPTY_CAPTION, *extra_prompts])
 

@@ -120,7 +120,9 @@ class FluxFamily(ModelFamily):
                     path, subfolder="text_encoder_2", dtype=t5_dtype, **common
                 )
             vae_path = cfg.pretrained_vae_model_name_or_path or path
-            vae = AutoencoderKL.from_pretrained(vae_path, subfolder=_subfolder(vae_path, "vae"), torch_dtype=weight_dtype)
+            vae = AutoencoderKL.from_pretrained(
+                vae_path, subfolder=_subfolder(vae_path, "vae"), torch_dtype=weight_dtype
+            )
             if cfg.pretrained_transformer_model_name_or_path:
                 t_path, t_sub = cfg.pretrained_transformer_model_name_or_path, cfg.pretrained_transformer_subfolder
             else:
@@ -214,7 +216,9 @@ class FluxFamily(ModelFamily):
             joint_attention_kwargs=attention,
             return_dict=False,
         )[0]
-        return FluxPipeline._unpack_latents(out, h * self.vae_scale_factor, w * self.vae_scale_factor, self.vae_scale_factor)
+        return FluxPipeline._unpack_latents(
+            out, h * self.vae_scale_factor, w * self.vae_scale_factor, self.vae_scale_factor
+        )
 
     # -- outputs -----------------------------------------------------------------------------------------
     def save_lora(self, output_dir: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
@@ -272,7 +276,7 @@ class FluxFamily(ModelFamily):
             "    from diffusers import FluxPipeline\n"
             f"    pipe = FluxPipeline.from_pretrained({self.model_path()!r})\n"
             f"    pipe.load_lora_weights({str(output_dir)!r})\n"
-            "    image = pipe(\"your prompt\", num_inference_steps=20).images[0]"
+            '    image = pipe("your prompt", num_inference_steps=20).images[0]'
         )
 
     @classmethod

@@ -27,7 +27,7 @@ SHAPES = ("circle", "square", "triangle")
 
 def caption_corpus() -> list[str]:
     words = [f"a {c} {s} on a {b} background" for c in COLOURS for s in SHAPES for b in COLOURS if b != c]
-    return words + ["a photo of a cat", "a painting of a house", "the quick brown fox jumps over the lazy dog"]
+    return [*words, "a photo of a cat", "a painting of a house", "the quick brown fox jumps over the lazy dog"]
 
 
 def build_tiny_flux(path: Path, seed: int = 0, *, num_single_layers: int = 2, guidance_embeds: bool = True) -> Path:
@@ -174,8 +174,13 @@ def build_demo(workdir: Path) -> Path:
                     "cache_dir_vae": str(workdir / "cache" / "vae" / "shapes"),
                     "repeats": 0,
                 },
-                {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": True,
-                 "cache_dir": str(workdir / "cache" / "text")},
+                {
+                    "id": "text-embeds",
+                    "type": "local",
+                    "dataset_type": "text_embeds",
+                    "default": True,
+                    "cache_dir": str(workdir / "cache" / "text"),
+                },
             ],
             indent=2,
         )

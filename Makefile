@@ -1,0 +1,55 @@
+# make demo  - create .venv, install stune + plugins, train a LoRA on a tiny generated FLUX model (CPU, minutes)
+# make test  - install test tools into the same .venv; lint, type-check and run the whole suite
+# make bench - benchmarks that print tables (speed is measured here, never asserted in tests)
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+INSTALLED := $(VENV)/.stune-installed
+TEST_TOOLS := $(VENV)/.stune-test-tools
+PLUGINS := plugins/flux
+export HF_HUB_OFFLINE ?= 1
+export PIP_DISABLE_PIP_VERSION_CHECK = 1
+
+.PHONY: demo test lint typecheck pytest bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# torch first, chosen for the machine: a plain `torch` requirement on a machine without it would
+# pull a multi-GB CUDA build. Without a GPU we take the CPU build (on this machine's disk).
+$(INSTALLED): $(PY) core/pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+		echo "torch already installed: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(PIP) install -q torch; \
+	else \
+		$(PIP) install -q "torch==2.13.0" || $(PIP) install -q torch --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(PIP) install -q -e core $(addprefix -e ,$(PLUGINS))
+	@touch $@
+
+$(TEST_TOOLS): $(INSTALLED)
+	$(PIP) install -q "pytest>=8" "ruff>=0.6" "mypy>=1.11"
+	@touch $@
+
+demo: $(INSTALLED)
+	$(VENV)/bin/st-train demo --dir demo
+
+lint: $(TEST_TOOLS)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(TEST_TOOLS)
+	$(VENV)/bin/mypy
+
+pytest: $(TEST_TOOLS)
+	$(VENV)/bin/pytest
+
+test: lint typecheck pytest
+
+bench: $(INSTALLED)
+	$(PY) bench/step_overhead.py
+
+clean:
+	rm -rf $(VENV) demo

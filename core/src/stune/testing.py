@@ -1,0 +1,84 @@
+"""Helpers and pytest fixtures for testing stune and its plugins (registered as a pytest plugin).
+
+Nothing here downloads anything: runs use local folders and ``HF_HUB_OFFLINE=1``. The module
+imports neither torch nor any plugin, so loading it into every pytest session is free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+Run = Callable[..., "subprocess.CompletedProcess[str]"]
+
+
+def offline_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"})
+    env.update(extra or {})
+    return env
+
+
+def run_cli(
+    args: Sequence[str], cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Run ``st-train ARGS`` in a subprocess (offline), capturing output."""
+    return subprocess.run(
+        [sys.executable, "-m", "stune.cli", *args],
+        cwd=cwd,
+        env=offline_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def write_run(folder: Path, config: dict[str, Any], datasets: list[dict[str, Any]]) -> Path:
+    """A SimpleTuner-style run folder: ``config/config.json`` and ``config/multidatabackend.json``."""
+    config_dir = folder / "config"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    (config_dir / "multidatabackend.json").write_text(json.dumps(datasets, indent=2))
+    config = {"data_backend_config": "config/multidatabackend.json", **config}
+    path = config_dir / "config.json"
+    path.write_text(json.dumps(config, indent=2))
+    return path
+
+
+def make_images(folder: Path, count: int, size: tuple[int, int] = (64, 64), captions: bool = True) -> list[Path]:
+    """Solid-colour gradient PNGs with caption files (``image_003.png`` + ``image_003.txt``)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    rng = np.random.default_rng(count)
+    for i in range(count):
+        w, h = size
+        base = rng.integers(0, 255, size=3)
+        ramp = np.linspace(0, 1, w)[None, :, None]
+        pixels = (base[None, None, :] * (0.5 + 0.5 * ramp)).repeat(h, axis=0).astype("uint8")
+        path = folder / f"image_{i:03d}.png"
+        Image.fromarray(pixels).save(path)
+        if captions:
+            path.with_suffix(".txt").write_text(f"a picture number {i}\n")
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def stune_cli() -> Run:
+    """``stune_cli(args, cwd=...)`` runs ``st-train`` offline in a subprocess."""
+    return run_cli
+
+
+@pytest.fixture(autouse=True)
+def _stune_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")

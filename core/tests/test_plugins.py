@@ -1,0 +1,169 @@
+"""Plugin discovery: entry points in name order, broken plugins reported by name, registries."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import stune
+from stune.errors import PluginLoadError, PluginNotInstalled
+from stune.family import ModelFamily
+from stune.plugins import PluginHost
+
+
+def _fake_distribution(root: Path, name: str, entry_points: dict[str, str], modules: dict[str, str]) -> None:
+    dist = root / f"{name.replace('-', '_')}-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    lines = "\n".join(f"{k} = {v}" for k, v in entry_points.items())
+    (dist / "entry_points.txt").write_text(f"[stune]\n{lines}\n")
+    for module, source in modules.items():
+        (root / f"{module}.py").write_text(source)
+
+
+FAMILY_PLUGIN = """
+import stune
+from stune.family import ModelFamily
+
+class {cls}(ModelFamily):
+    name = "{family}"
+
+ORDER = []
+
+@stune.hookimpl
+def register_families(register):
+    register({cls})
+"""
+
+
+@pytest.fixture
+def fake_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    _fake_distribution(
+        tmp_path,
+        "stune-zeta",
+        {"zeta": "zeta_plugin"},
+        {"zeta_plugin": FAMILY_PLUGIN.format(cls="Zeta", family="zeta")},
+    )
+    _fake_distribution(
+        tmp_path,
+        "stune-alpha",
+        {"alpha": "alpha_plugin"},
+        {"alpha_plugin": FAMILY_PLUGIN.format(cls="Alpha", family="alpha")},
+    )
+    _fake_distribution(
+        tmp_path, "stune-broken", {"broken": "broken_plugin"}, {"broken_plugin": "import no_such_module_anywhere\n"}
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    for mod in ("zeta_plugin", "alpha_plugin", "broken_plugin"):
+        sys.modules.pop(mod, None)
+
+
+def test_entry_points_load_in_name_order(fake_plugins: Path) -> None:
+    host = PluginHost.build()
+    names = [n for n in host.infos if n in ("alpha", "broken", "zeta")]
+    assert names == ["alpha", "broken", "zeta"]
+    assert list(host.families)[:2] == ["alpha", "zeta"] or {"alpha", "zeta"} <= set(host.families)
+
+
+def test_broken_plugin_is_listed_with_its_error(fake_plugins: Path) -> None:
+    host = PluginHost.build()
+    listing = {p["name"]: p for p in host.listing()}
+    assert "no_such_module_anywhere" in listing["broken"]["error"]
+    assert listing["broken"]["distribution"] == "stune-broken"
+    assert listing["alpha"]["provides"] == {"families": ["alpha"]}
+
+
+def test_selecting_a_broken_plugin_fails_naming_it(fake_plugins: Path) -> None:
+    with pytest.raises(PluginLoadError, match=r"`broken` \(stune-broken\) failed to import"):
+        PluginHost.build(["broken"])
+
+
+def test_selection_loads_only_the_named_plugins(fake_plugins: Path) -> None:
+    host = PluginHost.build(["zeta"])
+    assert set(host.infos) == {"zeta"}
+    assert "alpha_plugin" not in sys.modules or "alpha" not in host.infos
+
+
+def test_missing_plugin_names_the_package() -> None:
+    with pytest.raises(PluginNotInstalled, match="pip install stune-hidream"):
+        PluginHost.build(["hidream"])
+
+
+def test_missing_family_names_the_package() -> None:
+    host = PluginHost.build(entry_points=False)
+    with pytest.raises(PluginNotInstalled, match="pip install stune-sd3"):
+        host.family_class("sd3")
+
+
+class _Fam(ModelFamily):
+    name = "dup"
+
+
+def _registers(family: type[ModelFamily], name: str) -> Any:
+    class Plugin:
+        __name__ = name
+
+        @stune.hookimpl
+        def register_families(self, register: Any) -> None:
+            register(family)
+
+    return Plugin()
+
+
+def test_duplicate_family_names_both_plugins() -> None:
+    with pytest.raises(PluginLoadError, match="`first` and `second` both register the model family `dup`"):
+        PluginHost.build(entry_points=False, plugins=[_registers(_Fam, "first"), _registers(_Fam, "second")])
+
+
+def test_misspelled_hook_is_reported() -> None:
+    class Typo:
+        __name__ = "typo"
+
+        @stune.hookimpl
+        def register_famlies(self, register: Any) -> None:  # not a hook
+            pass
+
+    with pytest.raises(PluginLoadError, match="`typo` implements a hook stune does not have"):
+        PluginHost.build(entry_points=False, plugins=[Typo()])
+
+
+def test_file_plugin(tmp_path: Path) -> None:
+    path = tmp_path / "myfamily.py"
+    path.write_text(FAMILY_PLUGIN.format(cls="Mine", family="mine"))
+    host = PluginHost.build([str(path)])
+    assert "mine" in host.families
+    assert host.infos["myfamily"].provides == {"families": ["mine"]}
+
+
+def test_shared_option_declared_identically_is_allowed() -> None:
+    from stune.options import Field, Options
+
+    class A(Options):
+        shared_thing: int = Field(1, description="x")
+
+    class B(Options):
+        shared_thing: int = Field(1, description="x")
+
+    class C(Options):
+        shared_thing: str = Field("a", description="x")
+
+    def plugin(name: str, model: type[Options]) -> Any:
+        class P:
+            __name__ = name
+
+            @stune.hookimpl
+            def register_options(self, register: Any) -> None:
+                register(model)
+
+        return P()
+
+    host = PluginHost.build(entry_points=False, plugins=[plugin("a", A), plugin("b", B)])
+    assert "shared_thing" in host.config_model().model_fields
+    host = PluginHost.build(entry_points=False, plugins=[plugin("a", A), plugin("c", C)])
+    with pytest.raises(stune.ConfigError, match="both declare the option `shared_thing`"):
+        host.config_model()

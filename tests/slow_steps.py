@@ -1,0 +1,33 @@
+"""Test plugin: makes every training step slow, and can stall inside a checkpoint write.
+
+Used by the SIGKILL tests so a run can be killed at a chosen moment. Controlled by environment
+variables so the same file serves both tests:
+
+* ``STUNE_TEST_STEP_SLEEP``: seconds to sleep after each optimizer step.
+* ``STUNE_TEST_STALL_SAVE_AT``: step whose checkpoint write stalls (after the adapter is written)
+  until the process is killed; ``STUNE_TEST_STALL_FLAG`` is touched when it starts stalling.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import stune
+
+
+@stune.hookimpl
+def on_step_end(state: Any) -> None:
+    time.sleep(float(os.environ.get("STUNE_TEST_STEP_SLEEP", "0")))
+
+
+@stune.hookimpl(wrapper=True)
+def save_adapter(output_dir: Path) -> Any:
+    files = yield
+    stall_at = os.environ.get("STUNE_TEST_STALL_SAVE_AT")
+    if stall_at and output_dir.name.startswith(f".checkpoint-{stall_at}.tmp"):
+        Path(os.environ["STUNE_TEST_STALL_FLAG"]).touch()
+        time.sleep(600)
+    return files
