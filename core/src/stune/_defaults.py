@@ -50,7 +50,9 @@ def save_adapter(family: ModelFamily, transformer: torch.nn.Module, output_dir: 
     from peft.utils import get_peft_model_state_dict
 
     state_dict = get_peft_model_state_dict(transformer)
-    metadata = transformer.peft_config["default"].to_dict()  # type: ignore[index,operator]
+    config = transformer.peft_config["default"].to_dict()  # type: ignore[index,operator]
+    # PEFT keeps target_modules as a set; metadata must be JSON (diffusers writes it as a list too).
+    metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
     return [family.save_lora(output_dir, state_dict, metadata)]
 
 

@@ -173,7 +173,10 @@ class ModelFamily:
 
     # -- outputs ------------------------------------------------------------------------------------
     def save_lora(self, output_dir: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
-        """Write a PEFT LoRA state dict (transformer keys without prefix) in diffusers format."""
+        """Write a PEFT LoRA state dict (transformer keys without prefix) in diffusers format.
+
+        ``metadata`` is the adapter's ``LoraConfig`` as a JSON-ready dict (rank, alpha, targets).
+        """
         raise NotImplementedError
 
     def load_lora(self, path: Path) -> dict[str, torch.Tensor]:
