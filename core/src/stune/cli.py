@@ -93,6 +93,7 @@ def cmd_options(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="st-train options", description="List every option, its default and help.")
     _plugin_argument(parser)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--markdown", action="store_true", help="a Markdown table per plugin (docs/options.md)")
     args = parser.parse_args(argv)
     from stune.config import CoreOptions
     from stune.plugins import PluginHost
@@ -114,6 +115,9 @@ def cmd_options(argv: Sequence[str]) -> int:
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
+    if args.markdown:
+        print(_options_markdown(rows))
+        return 0
     current = None
     for row in rows:
         if row["plugin"] != current:
@@ -123,8 +127,26 @@ def cmd_options(argv: Sequence[str]) -> int:
     return 0
 
 
+def _options_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    current = None
+    for row in rows:
+        if row["plugin"] != current:
+            current = row["plugin"]
+            title = "Core (package `stune`)" if current == "core" else f"Plugin `{current}`"
+            lines += ["", f"## {title}", "", "| option | type | default | meaning |", "|---|---|---|---|"]
+        default = "—" if row["default"] is None else f"`{json.dumps(row['default'], default=str)}`"
+        kind = row["type"].replace("|", "or")
+        lines.append(f"| `{row['option']}` | {kind} | {default} | {row['help']} |")
+    return "\n".join(lines).lstrip("\n")
+
+
 def _type_name(annotation: Any) -> str:
-    text = getattr(annotation, "__name__", None) or str(annotation)
+    import typing
+
+    if typing.get_origin(annotation) is typing.Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(annotation))
+    text = str(annotation) if typing.get_args(annotation) else getattr(annotation, "__name__", str(annotation))
     return text.replace("typing.", "")
 
 

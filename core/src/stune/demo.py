@@ -24,7 +24,8 @@ def run_demo(plugins: Sequence[str] | None, workdir: str | Path, steps: int | No
     workdir = Path(workdir).resolve()
     print(f"stune demo: building a tiny {family_cls.name} model and dataset under {workdir} …", flush=True)
     config_path = family_cls.build_demo(workdir)
-    overrides = {"max_train_steps": str(steps)} if steps else {}
+    # The demo always trains from scratch; a second `make demo` is a new run, not a resume.
+    overrides = {"resume_from_checkpoint": "none", **({"max_train_steps": str(steps)} if steps else {})}
 
     from stune.cli import _setup_logging
     from stune.session import prepare
@@ -39,7 +40,7 @@ def run_demo(plugins: Sequence[str] | None, workdir: str | Path, steps: int | No
         "",
         f"stune demo finished: {result.final_step} steps of a {family_cls.name} LoRA.",
         f"  LoRA:              {', '.join(str(p.resolve()) for p in result.adapter_files)}",
-        f"  checkpoints:       {', '.join(str(p.resolve()) for p in result.checkpoints) or '(none)'}",
+        f"  checkpoints:       {', '.join(str(p.resolve()) for p in result.checkpoints if p.exists()) or '(none)'}",
         f"  validation images: {out / 'validation_images'}",
         f"  metrics:           {out / 'metrics.jsonl'}",
         f"  config:            {config_path}",

@@ -11,7 +11,7 @@ LORA_TARGETS = ("all", "context", "context+ffs", "all+ffs", "all+ffs+embedder", 
 
 class FluxOptions(Options):
     flux_lora_target: Literal[LORA_TARGETS] = Field(  # type: ignore[valid-type]
-        "all", description="LoRA target preset: " + ", ".join(LORA_TARGETS) + "."
+        "all", description="Which transformer layers get a LoRA (presets listed in docs/quickstart-flux.md)."
     )
     flux_guidance_value: float = Field(
         1.0, ge=0, description="Guidance embedding value while training (1.0 keeps dev's distillation)."

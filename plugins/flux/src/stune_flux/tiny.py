@@ -37,9 +37,9 @@ def build_tiny_flux(path: Path, seed: int = 0, *, num_single_layers: int = 2, gu
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
     corpus = caption_corpus() * 4
-    clip_tok = CLIPTokenizer().train_new_from_iterator(corpus, vocab_size=600)
+    clip_tok = CLIPTokenizer().train_new_from_iterator(corpus, vocab_size=600, show_progress=False)
     clip_tok.model_max_length = 77
-    t5_tok = T5Tokenizer(extra_ids=0).train_new_from_iterator(corpus, vocab_size=300)
+    t5_tok = T5Tokenizer(extra_ids=0).train_new_from_iterator(corpus, vocab_size=300, show_progress=False)
     t5_tok.model_max_length = 512
 
     torch.manual_seed(seed)
@@ -191,10 +191,10 @@ def build_demo(workdir: Path) -> Path:
         "pretrained_model_name_or_path": str(model),
         "output_dir": str(workdir / "output"),
         "data_backend_config": str(config_dir / "multidatabackend.json"),
-        "lora_rank": 8,
-        "learning_rate": "1e-3",
+        "lora_rank": 16,
+        "learning_rate": "3e-3",
         "train_batch_size": 2,
-        "max_train_steps": 60,
+        "max_train_steps": 200,
         "lr_scheduler": "constant_with_warmup",
         "lr_warmup_steps": 5,
         "mixed_precision": "no",
@@ -202,10 +202,10 @@ def build_demo(workdir: Path) -> Path:
         "seed": 42,
         "tokenizer_max_length": 32,
         "caption_dropout_probability": 0.1,
-        "checkpoint_step_interval": 20,
+        "checkpoint_step_interval": 50,
         "checkpoints_total_limit": 2,
         "validation_prompt": "a red circle on a blue background",
-        "validation_step_interval": 30,
+        "validation_step_interval": 100,
         "validation_resolution": "64x64",
         "validation_num_inference_steps": 8,
         "validation_guidance": 3.5,
