@@ -77,6 +77,11 @@ def test_unknown_key_without_neighbour_points_to_options(bare_host: PluginHost) 
         validate_config({"zzzqqq": 1}, bare_host.config_model(), bare_host)
 
 
+def test_dataset_key_in_config_says_where_it_belongs(bare_host: PluginHost) -> None:
+    with pytest.raises(ConfigError, match="`repeats` is a dataset option"):
+        validate_config({"repeats": 3}, bare_host.config_model(), bare_host)
+
+
 def test_key_of_missing_plugin_names_the_package(bare_host: PluginHost) -> None:
     with pytest.raises(PluginNotInstalled, match=r"`flux` plugin.*pip install stune-flux"):
         validate_config({"flux_lora_target": "all"}, bare_host.config_model(), bare_host)

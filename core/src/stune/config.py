@@ -319,6 +319,12 @@ def validate_config(raw: dict[str, Any], model: type[CoreOptions], host: PluginH
                 f"Option `{key}` belongs to the `{owner.name}` plugin, which is not loaded; "
                 f"install it with `pip install {owner.distribution}` (or add --plugin {owner.name})."
             )
+        from stune.data.config import DatasetConfig
+
+        if key in option_names(DatasetConfig):
+            raise ConfigError(
+                f"`{key}` is a dataset option; set it on the dataset in your multidatabackend.json, not in the config."
+            )
         close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
         hint = f"did you mean `{close[0]}`?" if close else "run `st-train options` to list the valid keys."
         raise ConfigError(f"Unknown option `{key}`; {hint}")

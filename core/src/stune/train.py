@@ -56,8 +56,19 @@ class NonFiniteLoss(UserError):
     """The loss became NaN or infinite."""
 
 
-def train(session: Session) -> TrainResult:
+def _accelerator(mixed_precision: str) -> Any:
+    """An Accelerator for this run. accelerate keeps its precision in a process-wide singleton;
+    a second run in the same process (tests, notebooks) may ask for another precision, so that
+    part is cleared first. The process-group part (PartialState) is kept."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision)
+
+
+def train(session: Session) -> TrainResult:
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
@@ -66,7 +77,7 @@ def train(session: Session) -> TrainResult:
     started = time.perf_counter()
 
     # -- setup --------------------------------------------------------------------------------
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    accelerator = _accelerator(config.mixed_precision)
     device = accelerator.device
     resume_from = checkpoint.resolve_resume(output_dir, config.resume_from_checkpoint)
     resumed = checkpoint.read_state(resume_from) if resume_from else None
@@ -276,6 +287,7 @@ def train(session: Session) -> TrainResult:
                 grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
                 if config.max_grad_norm > 0:
                     accelerator.clip_grad_value_(params, config.max_grad_norm)
+            step_lr = lr_scheduler.get_last_lr()[0]  # the rate this step was taken with
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -293,7 +305,7 @@ def train(session: Session) -> TrainResult:
                 "step": state.global_step,
                 "epoch": state.epoch,
                 "loss": step_loss,
-                "lr": lr_scheduler.get_last_lr()[0],
+                "lr": step_lr,
                 "grad_norm": grad_norm,
                 "step_seconds": seconds,
                 "samples_per_second": samples_per_step / seconds if seconds > 0 else 0.0,
