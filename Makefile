@@ -26,7 +26,7 @@ $(INSTALLED): $(PY) core/pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
 	else \
 		$(PIP) install -q "torch==2.13.0" || $(PIP) install -q torch --index-url https://download.pytorch.org/whl/cpu; \
 	fi
-	$(PIP) install -q -e core $(addprefix -e ,$(PLUGINS))
+	$(PIP) install -q -e 'core[parquet]' $(addprefix -e ,$(PLUGINS))
 	@touch $@
 
 $(TEST_TOOLS): $(INSTALLED)

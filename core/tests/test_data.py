@@ -10,10 +10,9 @@ import pytest
 from PIL import Image
 
 from stune.data.config import resolve_datasets
-from stune.data.images import captions_for, load_rgb, oriented_size, resize_center_crop, square_side
-from stune.data.loader import BatchPlan, Sample
-from stune.data.report import scan_dataset
-from stune.errors import ConfigError, UserError
+from stune.data.images import load_rgb, oriented_size
+from stune.data.metadata import file_captions, scan_dataset
+from stune.errors import ConfigError
 from stune.plugins import PluginHost
 from stune.testing import make_images
 
@@ -56,27 +55,14 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     assert sum(shown.getpixel((10, 5))) > 600  # the white half is on top after rotation
 
 
-def test_resize_center_crop() -> None:
-    img = Image.new("RGB", (200, 100), (10, 20, 30))
-    out = resize_center_crop(img, 64, 64)
-    assert out.size == (64, 64)
-
-
-def test_square_side_rounds_to_alignment() -> None:
-    assert square_side(1024, "pixel_area", 64) == 1024
-    assert square_side(1000, "pixel", 64) == 1024
-    assert square_side(1.0, "area", 64) == 1024
-    assert square_side(10, "pixel", 64) == 64
-
-
 def test_captions(tmp_path: Path) -> None:
     image = tmp_path / "a_red_dog.png"
     image.write_bytes(b"")
-    assert captions_for(image, "filename", None) == ["a red dog"]
-    assert captions_for(image, "instanceprompt", "sks dog") == ["sks dog"]
-    assert captions_for(image, "textfile", None) == []
+    assert file_captions(image, "filename", None) == ["a red dog"]
+    assert file_captions(image, "instanceprompt", "sks dog") == ["sks dog"]
+    assert file_captions(image, "textfile", None) == []
     image.with_suffix(".txt").write_text("first caption\n\nsecond caption\n")
-    assert captions_for(image, "textfile", None) == ["first caption", "second caption"]
+    assert file_captions(image, "textfile", None) == ["first caption", "second caption"]
 
 
 def _run_config(tmp_path: Path, folder: Path, **dataset: object) -> object:
@@ -93,12 +79,14 @@ def test_scan_skips_bad_files_and_keeps_folder_untouched(tmp_path: Path) -> None
     make_images(folder, 3)
     (folder / "empty.png").write_bytes(b"")
     (folder / "notes.png").write_text("this is not an image")
+    for name in ("empty", "notes"):
+        (folder / f"{name}.txt").write_text("a caption")
     (folder / "uncaptioned.png").write_bytes((folder / "image_000.png").read_bytes())
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     config = _run_config(tmp_path, folder)
-    [ds] = resolve_datasets(config)  # type: ignore[arg-type]
-    scan = scan_dataset(ds)
-    assert scan.found == 6
+    [ds] = resolve_datasets(config).datasets  # type: ignore[arg-type]
+    scan = scan_dataset(ds, 64, 2)
+    assert scan.found == 6  # .txt files are captions, not images
     assert len(scan.records) == 3
     reasons = {s.path.name: s.reason for s in scan.skipped}
     assert reasons == {"empty.png": "unreadable", "notes.png": "unreadable", "uncaptioned.png": "missing caption"}
@@ -115,31 +103,6 @@ def test_unknown_dataset_key(tmp_path: Path) -> None:
     config = _run_config(tmp_path, tmp_path, repeets=3)
     with pytest.raises(ConfigError, match=r"`repeets`.*`repeats`"):
         resolve_datasets(config)  # type: ignore[arg-type]
-
-
-def _samples(n: int, size: tuple[int, int] = (64, 64)) -> list[Sample]:
-    return [Sample("d", Path(f"{i}.png"), Path(f"{i}.st"), [f"c{i}", f"alt{i}"], size) for i in range(n)]
-
-
-def test_batch_plan_is_deterministic_and_single_size() -> None:
-    samples = _samples(6) + _samples(4, (128, 64))
-    plan = BatchPlan(samples, batch_size=2, seed=7, caption_dropout=0.0)
-    first, again = plan.epoch(0), plan.epoch(0)
-    assert [b.indices for b in first] == [b.indices for b in again]
-    assert [b.indices for b in plan.epoch(1)] != [b.indices for b in first]
-    assert plan.batches_per_epoch == 5
-    for batch in first:
-        assert len({samples[i].size for i in batch.indices}) == 1
-
-
-def test_batch_plan_caption_dropout() -> None:
-    plan = BatchPlan(_samples(100), batch_size=1, seed=0, caption_dropout=1.0)
-    assert all(b.captions == [""] for b in plan.epoch(0))
-
-
-def test_too_few_images_for_a_batch() -> None:
-    with pytest.raises(UserError, match="raise `repeats`"):
-        BatchPlan(_samples(3), batch_size=4, seed=0, caption_dropout=0.0)
 
 
 def test_image_array_range() -> None:

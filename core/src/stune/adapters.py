@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,6 +59,16 @@ def load_lora_into(transformer: torch.nn.Module, family: ModelFamily, path: Path
             f"The checkpoint adapter {path} does not fit this model ({len(unexpected)} unexpected keys, "
             f"e.g. {unexpected[0]}); resume with the same LoRA options or start fresh (resume_from_checkpoint=none)."
         )
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """Run the base model: PEFT adapters off inside the block, on again after."""
+    model.disable_adapters()  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        model.enable_adapters()  # type: ignore[operator]
 
 
 def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:

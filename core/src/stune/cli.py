@@ -154,14 +154,18 @@ def cmd_check(argv: Sequence[str]) -> int:
     parser = _train_parser("st-train check")
     parser.description = "Check the config and its datasets (files, captions, sizes) without loading any model."
     parser.add_argument("--json", action="store_true", help="print the dataset report as JSON")
+    parser.add_argument("--quick", action="store_true", help="read image headers only (skip full decoding)")
     args, rest = parser.parse_known_args(argv)
     from stune.config import parse_overrides
-    from stune.data.report import check_datasets
+    from stune.data.report import scan_all, verify_decoding
     from stune.session import prepare
 
     session = prepare(args.plugin, args.config, parse_overrides(list(rest)))
-    report = check_datasets(session.config, session.family)
+    report = scan_all(session.config, session.family)
+    if not args.quick:
+        verify_decoding(report)  # truncated files only show when decoded
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.as_text())
+    report.check_trainable()
     return 0
 
 

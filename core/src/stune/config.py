@@ -90,7 +90,7 @@ class CoreOptions(Options):
     resolution_type: Literal["pixel", "area", "pixel_area"] = Field(
         "pixel_area", description="pixel: shorter edge; area: megapixels; pixel_area: side of a square of equal area."
     )
-    caption_strategy: Literal["filename", "textfile", "instanceprompt"] = Field(
+    caption_strategy: Literal["filename", "textfile", "instanceprompt", "parquet"] = Field(
         "filename", description="Where captions come from (datasets may override)."
     )
     instance_prompt: str | None = Field(None, description="Caption for caption_strategy=instanceprompt.")
@@ -100,6 +100,14 @@ class CoreOptions(Options):
     )
     cache_dir_text: str | None = Field(None, description="Text-embedding cache folder; default <cache_dir>/text.")
     vae_batch_size: int = Field(4, gt=0, description="Images per VAE forward while caching.")
+    text_encoder_batch_size: int = Field(8, gt=0, description="Captions per text-encoder forward while caching.")
+    write_batch_size: int = Field(128, gt=0, description="Cache entries handed to the background writer at once.")
+    aspect_bucket_rounding: int = Field(
+        2, ge=0, le=6, description="Decimals an image's aspect ratio is rounded to when choosing its bucket."
+    )
+    offload_during_startup: bool = Field(
+        False, description="Keep only the encoder in use on the accelerator while caching (saves memory)."
+    )
     caption_dropout_probability: float = Field(
         0.1, ge=0, le=1, description="Probability of training a sample on the empty caption."
     )

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from stune import checkpoint
 from stune._defaults import weight_dtype
-from stune.adapters import add_lora, load_lora_into, trainable_parameters
+from stune.adapters import adapters_disabled, add_lora, load_lora_into, trainable_parameters
 from stune.data.loader import BatchLoader, BatchPlan
 from stune.data.prepare import fill_caches, plan_caches, scan
 from stune.errors import UserError
@@ -86,19 +86,28 @@ def train(session: Session) -> TrainResult:
     set_seed(seed)
 
     # -- data scan, model, caches ------------------------------------------------------------------
-    report = scan(config, family)  # fails fast, before any weights are read
+    report = scan(config, family, accelerator.num_processes)  # fails fast, before any weights are read
     prompts = validation_prompts(config)
     cache_plan = plan_caches(config, family, report, list(prompts.values()))
     missing_captions = len(cache_plan.missing_captions)
     log.info("caches: %d latents and %d captions to encode", cache_plan.missing_latents, missing_captions)
     components = host.hook.load_model(family=family, config=config, device=device, text_encoders=missing_captions > 0)
     host.hook.quantize(components=components, family=family, config=config)
-    data = fill_caches(cache_plan, config, family, components, host)
+    data = fill_caches(cache_plan, config, family, components, host, device)
     if accelerator.is_main_process:
         report.write(output_dir)
     for ds in report.datasets:
         for skipped in ds.skipped:
             log.warning("dataset %s: skipped %s (%s) %s", ds.dataset.id, skipped.path, skipped.reason, skipped.detail)
+        for (w, h), count in ds.dropped_buckets.items():
+            log.warning(
+                "dataset %s: bucket %dx%d has %d samples, fewer than a batch of %d: not trained on",
+                ds.dataset.id,
+                w,
+                h,
+                count,
+                ds.effective_batch,
+            )
     # Text encoders are not needed once every caption is cached; free their memory now.
     components.text_encoders.clear()
     if components.vae is not None and device.type != "cpu":
@@ -124,9 +133,14 @@ def train(session: Session) -> TrainResult:
         weight_decay=config.adam_weight_decay,
         eps=config.adam_epsilon,
     )
-    plan = BatchPlan(data.samples, config.train_batch_size, seed, config.caption_dropout_probability)
-    for size, count in plan.dropped_buckets.items():
-        log.warning("bucket %dx%d has %d samples, fewer than a batch: not trained on", *size, count)
+    training_sets = [d.dataset for d in report.training]
+    plan = BatchPlan(
+        data.samples,
+        {ds.id: ds.batch_size for ds in training_sets},
+        seed,
+        config.caption_dropout_probability,
+        {ds.id: ds.entry.probability for ds in training_sets},
+    )
     accumulation = config.gradient_accumulation_steps
     steps_per_epoch = max(1, plan.batches_per_epoch // accumulation)
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
@@ -231,26 +245,31 @@ def train(session: Session) -> TrainResult:
             "noisy_latents": noisy_inputs(latents, noise, sigmas).to(dtype),
             "embeds": embeds,
         }
+        if "loss_weight" in batch:
+            prepared["loss_weight"] = batch["loss_weight"].to(device, non_blocking=True)
+        target = noise - latents
+        if batch["is_regularisation"]:
+            # Prior preservation: the target is what the base model (adapter off) predicts here.
+            with torch.no_grad(), adapters_disabled(accelerator.unwrap_model(transformer)), accelerator.autocast():
+                target = family.predict(transformer, prepared).float()
         with accelerator.autocast():
             prediction = family.predict(transformer, prepared)
         loss: torch.Tensor = host.hook.compute_loss(
-            prediction=prediction, target=noise - latents, batch=prepared, config=config, state=state
+            prediction=prediction, target=target, batch=prepared, config=config, state=state
         )
         return loss
 
     # -- loop ---------------------------------------------------------------------------------------------
     loader = BatchLoader(plan, data.text_cache)
     metrics = MetricsLog(output_dir, state.global_step) if accelerator.is_main_process else None
-    samples_per_step = config.train_batch_size * accumulation * accelerator.num_processes
     result = TrainResult(
         output_dir, [], 0, encoded_latents=data.encoded_latents, encoded_captions=data.encoded_captions
     )
     log.info(
-        "training %d steps from step %d (%d batches of %d per epoch, %d accumulation, seed %d); start-up took %.1f s",
+        "training %d steps from step %d (%d batches per epoch, %d accumulation, seed %d); start-up took %.1f s",
         max_steps,
         state.global_step,
         plan.batches_per_epoch,
-        config.train_batch_size,
         accumulation,
         seed,
         time.perf_counter() - started,
@@ -264,7 +283,7 @@ def train(session: Session) -> TrainResult:
         disable=not accelerator.is_main_process or bool(os.environ.get("TQDM_DISABLE")),
         mininterval=0.1 if sys.stderr.isatty() else 5.0,  # a log file gets a line every few seconds
     )
-    micro = 0
+    micro = samples_in_step = 0
     loss_sum = torch.zeros((), device=device)
     last_batch_paths: list[str] = []
     step_started = time.perf_counter()
@@ -276,6 +295,7 @@ def train(session: Session) -> TrainResult:
                 loss = micro_step_loss(batch)
                 accelerator.backward(loss / accumulation)
             loss_sum += loss.detach()
+            samples_in_step += len(batch["paths"]) * accelerator.num_processes
             last_batch_paths = batch["paths"]
             state.batches_in_epoch += 1
             if not sync:
@@ -293,7 +313,8 @@ def train(session: Session) -> TrainResult:
             optimizer.zero_grad(set_to_none=True)
             state.global_step += 1
             step_loss = float(loss_sum) / accumulation
-            micro, loss_sum = 0, torch.zeros((), device=device)
+            step_samples = samples_in_step
+            micro, loss_sum, samples_in_step = 0, torch.zeros((), device=device), 0
             if not math.isfinite(step_loss):
                 raise NonFiniteLoss(
                     f"The loss became {step_loss} at step {state.global_step} (batch: {', '.join(last_batch_paths)}); "
@@ -308,7 +329,7 @@ def train(session: Session) -> TrainResult:
                 "lr": step_lr,
                 "grad_norm": grad_norm,
                 "step_seconds": seconds,
-                "samples_per_second": samples_per_step / seconds if seconds > 0 else 0.0,
+                "samples_per_second": step_samples / seconds if seconds > 0 else 0.0,
             }
             if metrics is not None:
                 metrics.write(record)

@@ -1,21 +1,22 @@
 """On-disk caches of VAE latents and text embeddings (safetensors, one file per entry).
 
 An entry's file name is a hash of everything that shapes it: for latents the image file (path,
-size, modification time), the training size and crop, and the model identity; for text the
-caption and the text-encoder identity (model, token length, padding rule). Change any of those
-and the entry is simply not found and re-encoded; nothing is ever read stale. Writes go to a
-temporary name and are renamed into place, so a run killed mid-cache leaves no half entry.
+size, modification time), its size plan (bucket, resize, crop box), its loss mask and the model
+identity; for text the caption and the text-encoder identity (model, token length, padding
+rule). Change any of those and the entry is simply not found and re-encoded; nothing is ever
+read stale. Writes go to a temporary name and are renamed into place, so a run killed mid-cache
+leaves no half entry; they happen on a background thread so encoding does not wait for the disk.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-log = logging.getLogger("stune.cache")
+from stune.data.buckets import SizePlan
 
 
 def fingerprint(data: Any) -> str:
@@ -36,6 +37,33 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, path)
+
+
+class AsyncWriter:
+    """Writes cache entries on a background thread, at most ``pending`` waiting at once."""
+
+    def __init__(self, pending: int) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stune-cache-writer")
+        self._futures: deque[Future[None]] = deque()
+        self._pending = max(1, pending)
+
+    def write(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
+        self._futures.append(self._pool.submit(atomic_save, tensors, path))
+        while len(self._futures) > self._pending:
+            self._futures.popleft().result()
+
+    def close(self) -> None:
+        try:
+            while self._futures:
+                self._futures.popleft().result()  # re-raises a failed write here
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> AsyncWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _bounded_map(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: list[Any], window: int) -> Iterable[Any]:
@@ -65,17 +93,24 @@ class TextEmbedCache:
         return [c for c in dict.fromkeys(captions) if not self.path(c).is_file()]
 
     def fill(
-        self, captions: Iterable[str], encode: Callable[[list[str]], list[dict[str, torch.Tensor]]], batch_size: int
+        self,
+        captions: Iterable[str],
+        encode: Callable[[list[str]], list[dict[str, torch.Tensor]]],
+        batch_size: int,
+        write_batch_size: int = 128,
     ) -> int:
         """Encode and store every caption not cached yet; returns how many were encoded."""
         todo = self.missing(captions)
         if not todo:
             return 0
-        with tqdm(total=len(todo), desc="caching text embeddings", unit="caption", leave=False) as bar:
+        with (
+            AsyncWriter(write_batch_size) as writer,
+            tqdm(total=len(todo), desc="caching text embeddings", unit="caption", leave=False) as bar,
+        ):
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start : start + batch_size]
                 for caption, tensors in zip(chunk, encode(chunk), strict=True):
-                    atomic_save(tensors, self.path(caption))
+                    writer.write(tensors, self.path(caption))
                 bar.update(len(chunk))
         return len(todo)
 
@@ -83,94 +118,129 @@ class TextEmbedCache:
         if caption in self._memory:
             self._memory.move_to_end(caption)
             return self._memory[caption]
-        tensors = load_file(str(self.path(caption)))
+        path = self.path(caption)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"the text-embedding cache has no entry for caption {caption!r} ({path}); "
+                "remove `text` from skip_file_discovery so missing captions are encoded"
+            )
+        tensors = load_file(str(path))
         self._memory[caption] = tensors
         if len(self._memory) > self._memory_entries:
             self._memory.popitem(last=False)
         return tensors
 
 
-class LatentCache:
-    """(image, size, crop) → scaled latent ``mean`` and ``std``."""
+@dataclass
+class LatentJob:
+    image: Path
+    target: Path
+    plan: SizePlan
+    mask: Path | None = None
 
-    def __init__(self, folder: Path, identity: dict[str, Any]) -> None:
+
+def _file_identity(path: Path) -> list[Any]:
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+class LatentCache:
+    """(image, size plan, mask) → scaled latent ``mean`` and ``std`` (and the latent-grid ``mask``)."""
+
+    def __init__(self, folder: Path, identity: dict[str, Any], hash_filenames: bool = True, root: Path | None = None):
         self.folder = folder
         self.identity = identity
+        self.hash_filenames = hash_filenames
+        self.root = root
 
-    def path(self, image: Path, size: tuple[int, int], crop: str) -> Path:
-        stat = image.stat()
+    def path(self, image: Path, plan: SizePlan, mask: Path | None = None) -> Path:
         key = {
-            "image": str(image.resolve()),
-            "bytes": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns,
-            "size": list(size),
-            "crop": crop,
+            "image": _file_identity(image),
+            "plan": [plan.bucket, plan.resize_to, plan.crop_box],
+            "mask": _file_identity(mask) if mask is not None else None,
             **self.identity,
         }
-        return self.folder / f"{fingerprint(key)}.safetensors"
+        digest = fingerprint(key)
+        if self.hash_filenames or self.root is None:
+            return self.folder / f"{digest}.safetensors"
+        # Readable names that mirror the dataset's folders, still unique per plan and model.
+        rel = image.relative_to(self.root).with_suffix("")
+        return self.folder / rel.parent / f"{rel.name}-{digest[:12]}.safetensors"
 
     @staticmethod
     def fill(
-        jobs: list[tuple[Path, Path]],
-        prepare: Callable[[Path], np.ndarray],
+        jobs: list[LatentJob],
+        prepare: Callable[[LatentJob], tuple[np.ndarray, np.ndarray | None]],
         encode: Callable[[torch.Tensor], dict[str, torch.Tensor]],
         batch_size: int,
+        write_batch_size: int = 128,
     ) -> tuple[int, dict[Path, str]]:
-        """Encode the (image, cache path) jobs whose cache file is missing.
+        """Encode the jobs whose cache file is missing.
 
-        ``prepare`` decodes one image to a CHW float array (run on a thread pool, so decoding
-        overlaps encoding); ``encode`` turns a batch into latents. Returns the number encoded
-        and the images that failed to decode, with the decoder's error.
+        ``prepare`` decodes one image (and its mask) to arrays, on a thread pool so decoding
+        overlaps encoding; ``encode`` turns a batch of pixels into latents. Jobs are grouped by
+        bucket, so every VAE batch has one size. Returns the number encoded and the images that
+        failed to decode, with the decoder's error.
         """
-        todo = [(image, target) for image, target in jobs if not target.is_file()]
+        todo = sorted((j for j in jobs if not j.target.is_file()), key=lambda j: j.plan.bucket)
         failures: dict[Path, str] = {}
         if not todo:
             return 0, failures
         encoded = 0
         workers = max(1, min(8, os.cpu_count() or 1))
 
-        def safe_prepare(image: Path) -> np.ndarray | str:
+        def safe_prepare(job: LatentJob) -> tuple[np.ndarray, np.ndarray | None] | str:
             try:
-                return prepare(image)
+                return prepare(job)
             except Exception as exc:  # corrupt or truncated file: skip it, say why
                 return f"{type(exc).__name__}: {exc}"
 
         with (
             ThreadPoolExecutor(max_workers=workers) as pool,
+            AsyncWriter(write_batch_size) as writer,
             tqdm(total=len(todo), desc="caching latents", unit="image", leave=False) as bar,
         ):
-            decoded = _bounded_map(pool, safe_prepare, [image for image, _ in todo], window=2 * workers + batch_size)
-            batch: list[tuple[Path, np.ndarray]] = []
-            for (image, target), array in zip(todo, decoded, strict=True):
-                if isinstance(array, str):
-                    failures[image] = array
+            decoded = _bounded_map(pool, safe_prepare, todo, window=2 * workers + batch_size)
+            batch: list[tuple[LatentJob, tuple[np.ndarray, np.ndarray | None]]] = []
+            for job, arrays in zip(todo, decoded, strict=True):
+                if isinstance(arrays, str):
+                    failures[job.image] = arrays
                     bar.update(1)
                     continue
-                batch.append((target, array))
+                if batch and batch[0][0].plan.bucket != job.plan.bucket:
+                    encoded += LatentCache._encode_batch(batch, encode, writer)
+                    bar.update(len(batch))
+                    batch = []
+                batch.append((job, arrays))
                 if len(batch) == batch_size:
-                    encoded += LatentCache._encode_batch(batch, encode)
+                    encoded += LatentCache._encode_batch(batch, encode, writer)
                     bar.update(len(batch))
                     batch = []
             if batch:
-                encoded += LatentCache._encode_batch(batch, encode)
+                encoded += LatentCache._encode_batch(batch, encode, writer)
                 bar.update(len(batch))
         return encoded, failures
 
     @staticmethod
     def _encode_batch(
-        batch: list[tuple[Path, np.ndarray]], encode: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+        batch: list[tuple[LatentJob, tuple[np.ndarray, np.ndarray | None]]],
+        encode: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+        writer: AsyncWriter,
     ) -> int:
-        # Images of one batch share a size (the caller groups them), so they stack.
-        by_shape: dict[tuple[int, ...], list[tuple[Path, np.ndarray]]] = {}
-        for target, array in batch:
-            by_shape.setdefault(array.shape, []).append((target, array))
-        for group in by_shape.values():
-            pixels = torch.from_numpy(np.stack([a for _, a in group]))
-            out = encode(pixels)
-            for i, (target, _) in enumerate(group):
-                atomic_save({k: v[i].detach().cpu() for k, v in out.items()}, target)
+        pixels = torch.from_numpy(np.stack([arrays[0] for _, arrays in batch]))
+        out = encode(pixels)
+        for i, (job, (_, mask)) in enumerate(batch):
+            entry = {k: v[i].detach().cpu().contiguous() for k, v in out.items()}
+            if mask is not None:
+                entry["mask"] = torch.from_numpy(mask)
+            writer.write(entry, job.target)
         return len(batch)
 
     @staticmethod
     def load(path: Path) -> dict[str, torch.Tensor]:
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"the latent cache has no entry {path}; remove `vae` from skip_file_discovery so missing "
+                "latents are encoded"
+            )
         return load_file(str(path))

@@ -4,14 +4,32 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stune.config import DEFAULT_DATA_BACKEND_CONFIG, CoreOptions, _one_sentence
 from stune.errors import ConfigError
 from stune.jsonfile import read_json
-from stune.options import AliasChoices, Options, option_names
+from stune.options import AliasChoices, Options, json_list, option_names
+
+SKIP_DISCOVERY_WORDS = ("vae", "aspect", "metadata", "text")
+
+
+class ParquetSource(BaseModel):
+    """Where captions (and optionally image sizes) come from for ``parquet`` datasets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="A .parquet file, or a .jsonl file with one JSON object per line.")
+    filename_column: str = Field("id", description="Column naming the image file.")
+    caption_column: str = Field("caption", description="Column holding the caption (a string or a list).")
+    fallback_caption_column: str | None = Field(None, description="Column used when the caption is empty.")
+    width_column: str | None = Field(None, description="Column with the image width (skips opening images).")
+    height_column: str | None = Field(None, description="Column with the image height.")
+    identifier_includes_extension: bool = Field(
+        False, description="Whether filename_column values include the file extension."
+    )
 
 
 class DatasetConfig(Options):
@@ -19,47 +37,134 @@ class DatasetConfig(Options):
 
     id: str = Field(description="Stable name of the dataset (used in cache and report names).")
     type: Literal["local"] = Field("local", description="Storage backend: local folders.")
-    dataset_type: Literal["image", "text_embeds"] = Field("image", description="image or text_embeds.")
+    dataset_type: Literal["image", "text_embeds", "eval", "conditioning"] = Field(
+        "image", description="image (trained on), eval (held out), conditioning (masks), text_embeds (cache)."
+    )
     disabled: bool = Field(False, validation_alias=AliasChoices("disabled", "disable"), description="Skip it.")
     instance_data_dir: str | None = Field(None, description="Folder of images (relative to the working directory).")
     resolution: float | None = Field(None, gt=0, description="Training resolution; default: the global one.")
     resolution_type: Literal["pixel", "area", "pixel_area"] | None = Field(None, description="Unit of resolution.")
-    caption_strategy: Literal["filename", "textfile", "instanceprompt"] | None = Field(
+    minimum_image_size: float | None = Field(None, ge=0, description="Skip smaller images (unit of resolution).")
+    maximum_image_size: float | None = Field(
+        None, gt=0, description="Images larger than this are first downsampled to target_downsample_size."
+    )
+    target_downsample_size: float | None = Field(None, gt=0, description="Size to downsample very large images to.")
+    minimum_aspect_ratio: float | None = Field(None, gt=0, description="Skip images narrower than this (w/h).")
+    maximum_aspect_ratio: float | None = Field(None, gt=0, description="Skip images wider than this (w/h).")
+    crop: bool = Field(False, description="Crop to the target instead of resizing the whole image into it.")
+    crop_aspect: Literal["square", "preserve", "closest", "random"] = Field(
+        "square", description="Shape of crops: square, the image's own, the closest or a random listed aspect."
+    )
+    crop_aspect_buckets: list[float] | None = Field(None, description="Aspect ratios (w/h) for closest/random.")
+    crop_style: Literal["random", "center", "centre", "corner"] = Field(
+        "random", description="Where crops are taken: random (fixed per image), centre, or the bottom-right corner."
+    )
+    caption_strategy: Literal["filename", "textfile", "instanceprompt", "parquet"] | None = Field(
         None, description="Where captions come from; default: the global caption_strategy."
     )
-    instance_prompt: str | None = Field(None, description="Caption for caption_strategy=instanceprompt.")
+    instance_prompt: str | None = Field(None, description="Caption for instanceprompt, prefix for prepend.")
+    prepend_instance_prompt: bool = Field(False, description="Put instance_prompt before every caption.")
+    only_instance_prompt: bool = Field(False, description="Use instance_prompt as the only caption.")
     repeats: int = Field(0, ge=0, description="Extra passes over the images per epoch (0: each image once).")
+    probability: float = Field(1.0, ge=0, description="Relative chance of drawing a batch from this dataset.")
+    max_num_samples: int | None = Field(None, gt=0, description="Use at most this many images (a fixed subset).")
+    is_regularisation_data: bool = Field(
+        False,
+        validation_alias=AliasChoices("is_regularisation_data", "is_regularization_data"),
+        description="Train towards the base model's own prediction (prior preservation).",
+    )
+    metadata_backend: Literal["discovery", "parquet"] = Field(
+        "discovery", description="discovery: read sizes from the images; parquet: from the parquet columns."
+    )
+    parquet: ParquetSource | None = Field(None, description="Caption/size table for parquet datasets.")
     cache_dir_vae: str | None = Field(None, description="Folder of this dataset's cached latents.")
     cache_dir: str | None = Field(None, description="Folder of cached text embeddings (text_embeds datasets).")
     default: bool = Field(False, description="The text_embeds dataset used by default.")
+    write_batch_size: int | None = Field(None, gt=0, description="Cache entries written per batch.")
+    skip_file_discovery: str = Field(
+        "", description="Words among vae, aspect, metadata, text: trust the caches instead of scanning."
+    )
+    hash_filenames: bool = Field(True, description="Name cache files by hash only (else mirror the image path).")
+    train_batch_size: int | None = Field(None, gt=0, description="Batch size for this dataset's batches.")
+    conditioning_data: str | None = Field(None, description="id of the conditioning dataset paired with this one.")
+    conditioning_type: Literal["mask"] | None = Field(
+        None, description="mask: a grayscale image per training image weighting the loss (white = train)."
+    )
+    source_dataset_id: str | None = Field(None, description="For conditioning datasets: the image dataset.")
+
+    @field_validator("crop_aspect_buckets", mode="before")
+    @classmethod
+    def _buckets(cls, value: Any) -> Any:
+        value = json_list(value)
+        if isinstance(value, list):
+            # SimpleTuner also accepts {"aspect_bucket": 1.5, ...}; only the aspect matters here.
+            return [v.get("aspect_bucket", v.get("aspect")) if isinstance(v, dict) else v for v in value]
+        return value
+
+    @field_validator("conditioning_data", mode="before")
+    @classmethod
+    def _one_conditioning(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise ValueError("`conditioning_data` takes one conditioning dataset id")
+            return value[0]
+        return value
 
     @model_validator(mode="after")
-    def _needs(self) -> DatasetConfig:
-        if self.dataset_type == "image" and not self.disabled and not self.instance_data_dir:
-            raise ValueError(f"`instance_data_dir` is missing: dataset `{self.id}` needs the folder of its images")
+    def _rules(self) -> DatasetConfig:
+        where = f"dataset `{self.id}`"
+        if self.dataset_type in ("image", "eval", "conditioning") and not self.disabled and not self.instance_data_dir:
+            raise ValueError(f"`instance_data_dir` is missing: {where} needs the folder of its images")
+        if (self.maximum_image_size is None) != (self.target_downsample_size is None):
+            raise ValueError(f"{where}: set `maximum_image_size` and `target_downsample_size` together")
+        if self.crop and self.crop_aspect in ("closest", "random") and not self.crop_aspect_buckets:
+            raise ValueError(f"{where}: crop_aspect={self.crop_aspect} needs `crop_aspect_buckets`")
+        if (self.minimum_aspect_ratio and self.maximum_aspect_ratio) and (
+            self.minimum_aspect_ratio > self.maximum_aspect_ratio
+        ):
+            raise ValueError(f"{where}: `minimum_aspect_ratio` is larger than maximum_aspect_ratio")
+        if self.dataset_type == "conditioning" and self.conditioning_type is None:
+            raise ValueError(f"{where} is a conditioning dataset; set `conditioning_type` (mask)")
+        words = self.skip_file_discovery.replace(",", " ").split()
+        unknown = [w for w in words if w not in SKIP_DISCOVERY_WORDS]
+        if unknown:
+            raise ValueError(
+                f"{where}: `skip_file_discovery` word {unknown[0]!r} is not one of {', '.join(SKIP_DISCOVERY_WORDS)}"
+            )
+        if (self.caption_strategy == "parquet" or self.metadata_backend == "parquet") and self.parquet is None:
+            raise ValueError(f"{where}: parquet captions or metadata need a `parquet` block with its `path`")
         return self
+
+    @property
+    def skips(self) -> set[str]:
+        return set(self.skip_file_discovery.replace(",", " ").split())
 
 
 class ResolvedDataset:
-    """A dataset entry with the global defaults filled in."""
+    """A dataset entry with the global defaults filled in and its cache folders decided."""
 
     def __init__(self, entry: DatasetConfig, config: CoreOptions, text_cache_dir: Path) -> None:
         self.id = entry.id
         self.entry = entry
+        self.kind = entry.dataset_type
         self.folder = Path(entry.instance_data_dir or ".")
         self.resolution = float(entry.resolution or config.resolution)
         self.resolution_type = entry.resolution_type or config.resolution_type
         self.caption_strategy = entry.caption_strategy or config.caption_strategy
         self.instance_prompt = entry.instance_prompt or config.instance_prompt
         self.repeats = entry.repeats
+        self.batch_size = entry.train_batch_size or config.train_batch_size
+        self.is_regularisation = entry.is_regularisation_data
         root = Path(config.cache_dir_vae) if config.cache_dir_vae else Path(config.cache_dir) / "vae"
         self.latent_cache_dir = Path(entry.cache_dir_vae) if entry.cache_dir_vae else root / entry.id
         self.text_cache_dir = text_cache_dir
-        if self.caption_strategy == "instanceprompt" and not self.instance_prompt:
-            raise ConfigError(f"Dataset `{self.id}` uses caption_strategy=instanceprompt; set its instance_prompt.")
+        self.masks: ResolvedDataset | None = None  # the linked conditioning dataset (masked loss)
+        needs_prompt = self.caption_strategy == "instanceprompt" or entry.prepend_instance_prompt
+        if (needs_prompt or entry.only_instance_prompt) and not self.instance_prompt:
+            raise ConfigError(f"Dataset `{self.id}` uses its instance prompt; set `instance_prompt` on it.")
 
 
-def read_dataset_list(config: CoreOptions) -> list[DatasetConfig]:
+def read_dataset_list(config: CoreOptions) -> tuple[Path, list[DatasetConfig]]:
     path = Path(config.data_backend_config) if config.data_backend_config else DEFAULT_DATA_BACKEND_CONFIG
     if not config.data_backend_config and not path.is_file():
         raise ConfigError(
@@ -73,11 +178,12 @@ def read_dataset_list(config: CoreOptions) -> list[DatasetConfig]:
     for index, raw in enumerate(data):
         if not isinstance(raw, dict):
             raise ConfigError(f"Entry {index} of {path} is not a JSON object.")
+        raw = {str(k).lstrip("-"): v for k, v in raw.items()}
         name = raw.get("id", f"#{index}")
         for key in raw:
             if key not in known:
                 close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-                hint = f"; did you mean `{close[0]}`?" if close else "."
+                hint = f"; did you mean `{close[0]}`?" if close else "; see docs/datasets.md for the keys."
                 raise ConfigError(f"Dataset `{name}` in {path} has an unknown key `{key}`{hint}")
         try:
             entries.append(DatasetConfig.model_validate(raw))
@@ -87,26 +193,52 @@ def read_dataset_list(config: CoreOptions) -> list[DatasetConfig]:
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise ConfigError(f"Dataset id `{duplicates[0]}` appears twice in {path}; ids must be unique.")
-    return entries
+    return path, entries
 
 
-def resolve_datasets(config: CoreOptions) -> list[ResolvedDataset]:
-    """The enabled image datasets, with their cache folders; errors name the dataset and the fix."""
-    entries = [e for e in read_dataset_list(config) if not e.disabled]
+class DatasetList:
+    """The datasets of a run and where their caption embeddings are cached."""
+
+    def __init__(self, datasets: list[ResolvedDataset], text_cache_dir: Path, text_write_batch_size: int) -> None:
+        self.datasets = datasets
+        self.text_cache_dir = text_cache_dir
+        self.text_write_batch_size = text_write_batch_size
+
+    @property
+    def training(self) -> list[ResolvedDataset]:
+        return [ds for ds in self.datasets if ds.kind == "image"]
+
+
+def resolve_datasets(config: CoreOptions) -> DatasetList:
+    """The enabled image, eval and conditioning datasets; errors name the dataset and the fix."""
+    path, all_entries = read_dataset_list(config)
+    entries = [e for e in all_entries if not e.disabled]
     text_sets = [e for e in entries if e.dataset_type == "text_embeds"]
-    defaults = [e for e in text_sets if e.default] or text_sets[:1]
-    if len(defaults) > 1 or len([e for e in text_sets if e.default]) > 1:
-        raise ConfigError("More than one text_embeds dataset has default=true; mark only one.")
-    if defaults and defaults[0].cache_dir:
-        text_dir = Path(defaults[0].cache_dir)
+    if len([e for e in text_sets if e.default]) > 1:
+        raise ConfigError(f"More than one text_embeds dataset in {path} has default=true; mark only one.")
+    default_text = next((e for e in text_sets if e.default), text_sets[0] if text_sets else None)
+    if default_text is not None and default_text.cache_dir:
+        text_dir = Path(default_text.cache_dir)
     elif config.cache_dir_text:
         text_dir = Path(config.cache_dir_text)
     else:
         text_dir = Path(config.cache_dir) / "text"
-    images = [ResolvedDataset(e, config, text_dir) for e in entries if e.dataset_type == "image"]
-    if not images:
-        raise ConfigError("The dataset list has no enabled image dataset; add one with instance_data_dir.")
-    for ds in images:
+    text_batch = (default_text.write_batch_size if default_text else None) or config.write_batch_size
+    datasets = [ResolvedDataset(e, config, text_dir) for e in entries if e.dataset_type != "text_embeds"]
+    if not any(ds.kind == "image" for ds in datasets):
+        raise ConfigError(f"The dataset list {path} has no enabled image dataset; add one with instance_data_dir.")
+    by_id = {ds.id: ds for ds in datasets}
+    for ds in datasets:
         if not ds.folder.is_dir():
             raise ConfigError(f"Dataset `{ds.id}`: the folder {ds.folder} does not exist; fix instance_data_dir.")
-    return images
+        link = ds.entry.conditioning_data
+        if link is None:
+            continue
+        target = by_id.get(link)
+        if target is None or target.kind != "conditioning":
+            raise ConfigError(
+                f"Dataset `{ds.id}` names conditioning_data `{link}`, which is not an enabled conditioning dataset "
+                f"in {path}; add it with dataset_type=conditioning and conditioning_type=mask."
+            )
+        ds.masks = target
+    return DatasetList(datasets, text_dir, text_batch)

@@ -1,4 +1,4 @@
-"""Finding images, reading their captions and sizes, and preparing pixels for the VAE.
+"""Finding images, reading their sizes, and preparing pixels (and masks) for the VAE.
 
 Only PIL and numpy here: `st-train check` scans datasets without importing torch. Files in a
 dataset folder are only ever opened for reading.
@@ -6,39 +6,16 @@ dataset folder are only ever opened for reading.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from stune.data.buckets import SizePlan
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 # EXIF orientations that swap width and height.
 _TRANSPOSED = {5, 6, 7, 8}
-
-
-@dataclass
-class ImageRecord:
-    path: Path
-    captions: list[str]
-    width: int  # after EXIF orientation
-    height: int
-
-
-@dataclass
-class Skipped:
-    path: Path
-    reason: str
-    detail: str = ""
-
-
-@dataclass
-class Scan:
-    dataset_id: str
-    found: int = 0
-    records: list[ImageRecord] = field(default_factory=list)
-    skipped: list[Skipped] = field(default_factory=list)
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -46,7 +23,9 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(
         p
         for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not any(part.startswith(".") for part in p.parts)
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
 
 
@@ -56,27 +35,6 @@ def oriented_size(path: Path) -> tuple[int, int]:
         width, height = img.size
         orientation = img.getexif().get(0x0112, 1)
     return (height, width) if orientation in _TRANSPOSED else (width, height)
-
-
-def captions_for(path: Path, strategy: str, instance_prompt: str | None) -> list[str]:
-    """The caption(s) of an image; an empty list means it has none."""
-    if strategy == "instanceprompt":
-        return [instance_prompt or ""]
-    if strategy == "textfile":
-        text_path = path.with_suffix(".txt")
-        if not text_path.is_file():
-            return []
-        lines = [line.strip() for line in text_path.read_text(encoding="utf-8", errors="replace").splitlines()]
-        return [line for line in lines if line]
-    # filename: the file's stem with separators turned into spaces
-    return [" ".join(path.stem.replace("_", " ").split())]
-
-
-def square_side(resolution: float, resolution_type: str, alignment: int) -> int:
-    """Side of the square training size for ``resolution``, rounded to ``alignment``."""
-    # pixel and pixel_area both name an edge length for square crops; area is in megapixels.
-    side = math.sqrt(resolution * 1_000_000) if resolution_type == "area" else resolution
-    return max(alignment, round(side / alignment) * alignment)
 
 
 def load_rgb(path: Path) -> Image.Image:
@@ -95,14 +53,31 @@ def load_rgb(path: Path) -> Image.Image:
         return img.convert("RGB")
 
 
-def resize_center_crop(img: Image.Image, width: int, height: int) -> Image.Image:
-    """Scale so the image covers width×height, then cut the centre."""
-    scale = max(width / img.width, height / img.height)
-    new_size = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
-    img = img.resize(new_size, Image.Resampling.LANCZOS)
-    left = (img.width - width) // 2
-    top = (img.height - height) // 2
-    return img.crop((left, top, left + width, top + height))
+def apply_plan(img: Image.Image, plan: SizePlan) -> Image.Image:
+    """Resize the whole image as planned, then cut the planned crop (exactly the bucket's size)."""
+    if img.size != plan.resize_to:
+        img = img.resize(plan.resize_to, Image.Resampling.LANCZOS)
+    return img.crop(plan.crop_box)
+
+
+def load_sample(path: Path, plan: SizePlan) -> np.ndarray:
+    """The training pixels of an image: CHW float32 in [-1, 1] at the bucket's size."""
+    return to_array(apply_plan(load_rgb(path), plan))
+
+
+def load_mask(path: Path, plan: SizePlan, scale_factor: int) -> np.ndarray:
+    """A mask image cropped exactly like its training image, averaged down to the latent grid,
+    as weights in [0, 1] (white trains, black is ignored)."""
+    with Image.open(path) as img:
+        img.load()
+        grey = (ImageOps.exif_transpose(img) or img).convert("L")
+    if grey.size != plan.resize_to:
+        # The mask may come at another resolution than its image; stretch it onto the image first.
+        grey = grey.resize(plan.resize_to, Image.Resampling.BILINEAR)
+    grey = grey.crop(plan.crop_box)
+    latent = (plan.bucket[0] // scale_factor, plan.bucket[1] // scale_factor)
+    grey = grey.resize(latent, Image.Resampling.BOX)  # area average: partial cells get partial weight
+    return np.asarray(grey, dtype=np.float32) / 255.0
 
 
 def to_array(img: Image.Image) -> np.ndarray:

@@ -1,10 +1,13 @@
-"""Batches for training: every batch comes from one size bucket, in an order fixed by (seed, epoch).
+"""Batches for training: every batch comes from one dataset and one size bucket, in an order fixed
+by (seed, epoch).
 
-The whole plan of an epoch (batch order, which caption each sample uses, which samples drop their
-caption) is drawn from a generator seeded with (seed, epoch). Resuming at batch *k* of epoch *e*
-therefore replays exactly what an uninterrupted run would have seen, with no sampler state to
-save beyond two integers. Batches are loaded from the caches on a background thread, so the disk
-reads overlap the training step.
+The whole plan of an epoch (which dataset each batch comes from, the batch order, which caption
+each sample uses, which samples drop their caption) is drawn from a generator seeded with (seed,
+epoch). Resuming at batch *k* of epoch *e* therefore replays exactly what an uninterrupted run
+would have seen, with no sampler state to save beyond two integers. An epoch uses every batch of
+every training dataset once; which dataset comes next is drawn with weight
+``probability × batches it has left``. Batches are loaded from the caches on a background
+thread, so the disk reads overlap the training step.
 """
 
 from __future__ import annotations
@@ -31,54 +34,79 @@ class Sample:
     latent_path: Path
     captions: list[str]
     size: tuple[int, int]  # (width, height) of the training crop
+    is_regularisation: bool = False
+    has_mask: bool = False
 
 
 @dataclass
 class PlannedBatch:
+    dataset_id: str
     indices: list[int]
     captions: list[str]  # "" where caption dropout hit
 
 
 class BatchPlan:
-    """Deterministic per-epoch batching over samples grouped by size."""
+    """Deterministic per-epoch batching over samples grouped by dataset and size."""
 
-    def __init__(self, samples: list[Sample], batch_size: int, seed: int, caption_dropout: float) -> None:
+    def __init__(
+        self,
+        samples: list[Sample],
+        batch_sizes: dict[str, int],
+        seed: int,
+        caption_dropout: float,
+        probabilities: dict[str, float] | None = None,
+    ) -> None:
         self.samples = samples
-        self.batch_size = batch_size
+        self.batch_sizes = batch_sizes
         self.seed = seed
         self.caption_dropout = caption_dropout
-        self.buckets: dict[tuple[int, int], list[int]] = {}
+        self.probabilities = {k: v for k, v in (probabilities or {}).items()}
+        self.groups: dict[str, dict[tuple[int, int], list[int]]] = {}
         for index, sample in enumerate(samples):
-            self.buckets.setdefault(sample.size, []).append(index)
-        self.dropped_buckets = {size: len(ix) for size, ix in self.buckets.items() if len(ix) < batch_size}
-        self.batches_per_epoch = sum(len(ix) // batch_size for ix in self.buckets.values())
+            self.groups.setdefault(sample.dataset_id, {}).setdefault(sample.size, []).append(index)
+        self.dropped_buckets = {
+            (ds, size): len(ix)
+            for ds, buckets in self.groups.items()
+            for size, ix in buckets.items()
+            if len(ix) < batch_sizes[ds]
+        }
+        self.batches_per_epoch = sum(
+            len(ix) // batch_sizes[ds] for ds, buckets in self.groups.items() for ix in buckets.values()
+        )
         if self.batches_per_epoch == 0:
             raise UserError(
-                f"The datasets give {len(samples)} samples, too few for one batch of {batch_size} "
-                f"from a single size; raise `repeats` on a dataset or lower train_batch_size."
+                f"The datasets give {len(samples)} samples, too few for one batch from a single size; "
+                "raise `repeats` on a dataset or lower train_batch_size."
             )
 
     def epoch(self, epoch: int) -> list[PlannedBatch]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        batches: list[list[int]] = []
-        for size in sorted(self.buckets):
-            members = self.buckets[size]
-            order = [members[i] for i in torch.randperm(len(members), generator=gen).tolist()]
-            usable = len(order) - len(order) % self.batch_size
-            batches += [order[i : i + self.batch_size] for i in range(0, usable, self.batch_size)]
-        batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
-        planned = []
-        for indices in batches:
-            captions = []
-            for index in indices:
-                options = self.samples[index].captions
-                pick = (
-                    options[int(torch.randint(len(options), (1,), generator=gen))] if len(options) > 1 else options[0]
-                )
-                dropped = float(torch.rand((), generator=gen)) < self.caption_dropout
-                captions.append(EMPTY_CAPTION if dropped else pick)
-            planned.append(PlannedBatch(indices, captions))
+        per_dataset: dict[str, list[list[int]]] = {}
+        for ds in sorted(self.groups):
+            size = self.batch_sizes[ds]
+            batches: list[list[int]] = []
+            for bucket in sorted(self.groups[ds]):
+                members = self.groups[ds][bucket]
+                order = [members[i] for i in torch.randperm(len(members), generator=gen).tolist()]
+                usable = len(order) - len(order) % size
+                batches += [order[i : i + size] for i in range(0, usable, size)]
+            per_dataset[ds] = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+        names = [ds for ds in per_dataset if per_dataset[ds]]
+        planned: list[PlannedBatch] = []
+        while names:
+            weights = torch.tensor([self.probabilities.get(ds, 1.0) * len(per_dataset[ds]) for ds in names])
+            pick = names[int(torch.multinomial(weights, 1, generator=gen))] if len(names) > 1 else names[0]
+            indices = per_dataset[pick].pop()
+            if not per_dataset[pick]:
+                names.remove(pick)
+            planned.append(PlannedBatch(pick, indices, [self._caption(i, gen) for i in indices]))
         return planned
+
+    def _caption(self, index: int, gen: torch.Generator) -> str:
+        options = self.samples[index].captions
+        pick = options[int(torch.randint(len(options), (1,), generator=gen))] if len(options) > 1 else options[0]
+        dropped = float(torch.rand((), generator=gen)) < self.caption_dropout
+        return EMPTY_CAPTION if dropped else pick
 
 
 class BatchLoader:
@@ -91,15 +119,7 @@ class BatchLoader:
 
     def load(self, batch: PlannedBatch) -> dict[str, Any]:
         samples = [self.plan.samples[i] for i in batch.indices]
-        latents = [LatentCache.load(s.latent_path) for s in samples]
-        embeds = [self.text_cache.load(c) for c in batch.captions]
-        return {
-            "latent_mean": torch.stack([x["mean"] for x in latents]),
-            "latent_std": torch.stack([x["std"] for x in latents]),
-            "embeds": {key: torch.stack([e[key] for e in embeds]) for key in embeds[0]},
-            "captions": batch.captions,
-            "paths": [str(s.image) for s in samples],
-        }
+        return load_batch(samples, batch.captions, self.text_cache)
 
     def iterate(self, epoch: int, start: int = 0) -> Iterator[dict[str, Any]]:
         """Batches of ``epoch`` from position ``start`` on."""
@@ -138,3 +158,20 @@ class BatchLoader:
                     out.get_nowait()
                 except queue.Empty:
                     thread.join(timeout=0.05)
+
+
+def load_batch(samples: list[Sample], captions: list[str], text_cache: TextEmbedCache) -> dict[str, Any]:
+    """A batch of cached latents, caption embeddings and (if the dataset has masks) loss weights."""
+    latents = [LatentCache.load(s.latent_path) for s in samples]
+    embeds = [text_cache.load(c) for c in captions]
+    batch: dict[str, Any] = {
+        "latent_mean": torch.stack([x["mean"] for x in latents]),
+        "latent_std": torch.stack([x["std"] for x in latents]),
+        "embeds": {key: torch.stack([e[key] for e in embeds]) for key in embeds[0]},
+        "captions": captions,
+        "paths": [str(s.image) for s in samples],
+        "is_regularisation": samples[0].is_regularisation,
+    }
+    if samples[0].has_mask:
+        batch["loss_weight"] = torch.stack([x["mask"] for x in latents]).unsqueeze(1).float()
+    return batch

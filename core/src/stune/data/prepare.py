@@ -1,23 +1,19 @@
-"""From dataset list to training samples: scan folders, fill the latent and text caches."""
+"""From dataset list to training samples: scan folders, plan sizes, fill the latent and text caches."""
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from stune.data.cache import LatentCache, TextEmbedCache
-from stune.data.config import resolve_datasets
-from stune.data.images import Skipped, load_rgb, resize_center_crop, square_side, to_array
+from stune.data.cache import LatentCache, LatentJob, TextEmbedCache
+from stune.data.images import load_mask, load_sample
 from stune.data.loader import EMPTY_CAPTION, Sample
-from stune.data.report import DatasetReport, Report, scan_dataset
-from stune.errors import UserError
+from stune.data.metadata import Skipped
+from stune.data.report import Report, scan_all
 
 if TYPE_CHECKING:
     from stune.config import CoreOptions
@@ -33,91 +29,116 @@ class CachePlan:
 
     report: Report
     text_cache: TextEmbedCache
-    latent_jobs: dict[str, list[tuple[Path, Path]]]  # dataset id → (image, cache file)
+    latent_jobs: dict[str, list[LatentJob]]  # dataset id → jobs
     captions: list[str]
+    trusted_latents: set[str]  # datasets whose latents are not checked (skip_file_discovery: vae)
+    trusted_captions: set[str]  # captions not checked (skip_file_discovery: text)
 
     @property
     def missing_captions(self) -> list[str]:
-        return self.text_cache.missing(self.captions)
+        return self.text_cache.missing(c for c in self.captions if c not in self.trusted_captions)
 
     @property
     def missing_latents(self) -> int:
-        return sum(1 for jobs in self.latent_jobs.values() for _, target in jobs if not target.is_file())
+        return sum(
+            1
+            for ds_id, jobs in self.latent_jobs.items()
+            if ds_id not in self.trusted_latents
+            for job in jobs
+            if not job.target.is_file()
+        )
 
 
 @dataclass
 class PreparedData:
-    samples: list[Sample]
+    samples: list[Sample]  # training samples (image datasets)
+    eval_samples: list[Sample]  # held out (eval datasets)
     text_cache: TextEmbedCache
     report: Report
     encoded_latents: int
     encoded_captions: int
 
 
-def scan(config: CoreOptions, family: ModelFamily) -> Report:
-    """Scan every dataset; a dataset with no usable image is an error naming it and why."""
-    reports = []
-    for ds in resolve_datasets(config):
-        side = square_side(ds.resolution, ds.resolution_type, family.alignment)
-        report = DatasetReport(dataset=ds, scan=scan_dataset(ds), size=(side, side))
-        if not report.scan.records:
-            raise UserError(_no_images_message(report))
-        reports.append(report)
-    return Report(reports)
-
-
-def _no_images_message(report: DatasetReport) -> str:
-    reasons = Counter(s.reason for s in report.skipped)
-    why = ", ".join(f"{n} {reason}" for reason, n in reasons.items()) or "no image files in it"
-    return (
-        f"Dataset `{report.dataset.id}` has no usable image in {report.dataset.folder} "
-        f"({report.scan.found} files found; skipped: {why}); add images or fix its caption_strategy."
-    )
-
-
-def _prepare_image(path: Path, size: tuple[int, int]) -> np.ndarray:
-    return to_array(resize_center_crop(load_rgb(path), *size))
+def scan(config: CoreOptions, family: ModelFamily, processes: int | None = None) -> Report:
+    """Scan every dataset; stop with a clear error if one cannot be trained on."""
+    report = scan_all(config, family, processes)
+    report.check_trainable()
+    return report
 
 
 def plan_caches(config: CoreOptions, family: ModelFamily, report: Report, extra_prompts: list[str]) -> CachePlan:
     """Cache file of every image and caption; nothing is encoded yet."""
     identity = family.cache_identity()
-    text_cache = TextEmbedCache(report.datasets[0].dataset.text_cache_dir, {"kind": "text", **identity})
-    jobs = {}
-    for ds_report in report.datasets:
-        cache = LatentCache(ds_report.dataset.latent_cache_dir, {"kind": "latent", **identity})
-        jobs[ds_report.dataset.id] = [
-            (r.path, cache.path(r.path, ds_report.size, "center")) for r in ds_report.scan.records
+    text_cache = TextEmbedCache(report.text_cache_dir, {"kind": "text", **identity})
+    jobs: dict[str, list[LatentJob]] = {}
+    captions: list[str] = []
+    trusted_latents: set[str] = set()
+    trusted_captions: set[str] = set()
+    for d in report.datasets:
+        ds = d.dataset
+        if ds.kind == "conditioning":
+            continue
+        cache = LatentCache(
+            ds.latent_cache_dir,
+            {"kind": "latent", "vae_scale": family.vae_scale_factor, **identity},
+            hash_filenames=ds.entry.hash_filenames,
+            root=ds.folder,
+        )
+        jobs[ds.id] = [
+            LatentJob(r.path, cache.path(r.path, r.plan, r.mask), r.plan, r.mask) for r in d.usable if r.plan
         ]
-    captions = [c for d in report.datasets for r in d.scan.records for c in r.captions]
-    return CachePlan(report, text_cache, jobs, [*captions, EMPTY_CAPTION, *extra_prompts])
+        dataset_captions = [c for r in d.usable for c in r.captions]
+        captions += dataset_captions
+        if "vae" in ds.entry.skips:
+            trusted_latents.add(ds.id)
+        if "text" in ds.entry.skips:
+            trusted_captions.update(dataset_captions)
+    return CachePlan(
+        report, text_cache, jobs, [*captions, EMPTY_CAPTION, *extra_prompts], trusted_latents, trusted_captions
+    )
 
 
 def fill_caches(
-    plan: CachePlan, config: CoreOptions, family: ModelFamily, components: Components, host: PluginHost
+    plan: CachePlan,
+    config: CoreOptions,
+    family: ModelFamily,
+    components: Components,
+    host: PluginHost,
+    device: torch.device,
 ) -> PreparedData:
-    """Encode whatever is missing from the caches; return the training samples."""
-    samples: list[Sample] = []
+    """Encode whatever is missing from the caches; return the training and eval samples."""
     encoded_latents = 0
     vae = components.vae
+    offload = config.offload_during_startup and device.type != "cpu"
+    if offload:  # only the encoder at work stays on the accelerator
+        for encoder in components.text_encoders.values():
+            encoder.to("cpu")
 
     def encode_images(pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             return family.encode_images(components, pixels.to(vae.device, dtype=vae.dtype))
 
-    for ds_report in plan.report.datasets:
-        ds = ds_report.dataset
-        jobs = plan.latent_jobs[ds.id]
-        prepare = partial(_prepare_image, size=ds_report.size)
-        count, failures = LatentCache.fill(jobs, prepare, encode_images, config.vae_batch_size)
+    def prepare(job: LatentJob) -> tuple[np.ndarray, np.ndarray | None]:
+        pixels = load_sample(job.image, job.plan)
+        mask = load_mask(job.mask, job.plan, family.vae_scale_factor) if job.mask is not None else None
+        return pixels, mask
+
+    write_batch = config.write_batch_size
+    for d in plan.report.datasets:
+        jobs = plan.latent_jobs.get(d.dataset.id)
+        if not jobs or d.dataset.id in plan.trusted_latents:
+            continue
+        batch = d.dataset.entry.write_batch_size or write_batch
+        count, failures = LatentCache.fill(jobs, prepare, encode_images, config.vae_batch_size, batch)
         encoded_latents += count
         for path, error in failures.items():
-            ds_report.extra_skipped.append(Skipped(path, "unreadable", error))
-        for record, (_, latent_path) in zip(ds_report.scan.records, jobs, strict=True):
-            if record.path not in failures:
-                samples += [Sample(ds.id, record.path, latent_path, record.captions, ds_report.size)] * (1 + ds.repeats)
-        if ds_report.used == 0:
-            raise UserError(_no_images_message(ds_report))
+            d.extra_skipped.append(Skipped(path, "unreadable", error))
+    plan.report.check_trainable()  # decoding may have removed the last images of a dataset
+
+    if offload:
+        vae.to("cpu")
+        for encoder in components.text_encoders.values():
+            encoder.to(device)
 
     def encode_text(prompts: list[str]) -> list[dict[str, Any]]:
         with torch.no_grad():
@@ -126,5 +147,34 @@ def fill_caches(
             )
         return out
 
-    encoded_captions = plan.text_cache.fill(plan.captions, encode_text, batch_size=8)
-    return PreparedData(samples, plan.text_cache, plan.report, encoded_latents, encoded_captions)
+    captions = [c for c in plan.captions if c not in plan.trusted_captions]
+    encoded_captions = plan.text_cache.fill(
+        captions, encode_text, config.text_encoder_batch_size, plan.report.text_write_batch_size
+    )
+
+    samples: list[Sample] = []
+    eval_samples: list[Sample] = []
+    for d in plan.report.datasets:
+        ds = d.dataset
+        if ds.kind == "conditioning":
+            continue
+        kept = d.kept_buckets
+        jobs_by_image = {job.image: job for job in plan.latent_jobs[ds.id]}
+        for record in d.usable:
+            if record.plan is None or record.plan.bucket not in kept:
+                continue
+            job = jobs_by_image[record.path]
+            sample = Sample(
+                dataset_id=ds.id,
+                image=record.path,
+                latent_path=job.target,
+                captions=record.captions,
+                size=record.plan.bucket,
+                is_regularisation=ds.is_regularisation,
+                has_mask=job.mask is not None,
+            )
+            if ds.kind == "eval":
+                eval_samples.append(sample)
+            else:
+                samples += [sample] * (1 + ds.repeats)
+    return PreparedData(samples, eval_samples, plan.text_cache, plan.report, encoded_latents, encoded_captions)

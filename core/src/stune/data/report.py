@@ -1,46 +1,35 @@
-"""Scanning datasets and reporting what was found, used and skipped (``st-train check``)."""
+"""What was found, used and skipped in every dataset (``st-train check`` and ``dataset_report.json``)."""
 
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stune.data.config import ResolvedDataset, resolve_datasets
-from stune.data.images import Scan, Skipped, captions_for, list_images, oriented_size, square_side
+from stune.data.config import DatasetList, ResolvedDataset, resolve_datasets
+from stune.data.images import load_rgb
+from stune.data.metadata import Scan, Skipped, scan_dataset
+from stune.errors import UserError
 
 if TYPE_CHECKING:
     from stune.config import CoreOptions
     from stune.family import ModelFamily
 
 
-def scan_dataset(ds: ResolvedDataset) -> Scan:
-    """Every image of a dataset with its captions and size; unreadable or uncaptioned files are skipped."""
-    from stune.data.images import ImageRecord
-
-    scan = Scan(dataset_id=ds.id)
-    for path in list_images(ds.folder):
-        scan.found += 1
-        try:
-            width, height = oriented_size(path)
-        except Exception as exc:  # any decoder error: the file is reported, the run goes on
-            scan.skipped.append(Skipped(path, "unreadable", f"{type(exc).__name__}: {exc}"))
-            continue
-        captions = captions_for(path, ds.caption_strategy, ds.instance_prompt)
-        if not captions:
-            scan.skipped.append(Skipped(path, "missing caption", f"no {path.with_suffix('.txt').name}"))
-            continue
-        scan.records.append(ImageRecord(path=path, captions=captions, width=width, height=height))
-    return scan
+def world_size() -> int:
+    """Processes of this run, as torchrun and accelerate announce them."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 @dataclass
 class DatasetReport:
     dataset: ResolvedDataset
     scan: Scan
-    size: tuple[int, int]
+    effective_batch: int
     extra_skipped: list[Skipped] = field(default_factory=list)
 
     @property
@@ -48,22 +37,52 @@ class DatasetReport:
         return self.scan.skipped + self.extra_skipped
 
     @property
-    def used(self) -> int:
-        return len(self.scan.records) - len(self.extra_skipped)
+    def usable(self) -> list[Any]:
+        bad = {s.path for s in self.extra_skipped}
+        return [r for r in self.scan.records if r.path not in bad]
+
+    def bucket_samples(self) -> Counter[tuple[int, int]]:
+        """Samples per epoch (images × (1 + repeats)) of every bucket."""
+        counts: Counter[tuple[int, int]] = Counter()
+        for record in self.usable:
+            counts[record.plan.bucket] += 1 + self.dataset.repeats
+        return counts
+
+    @property
+    def kept_buckets(self) -> dict[tuple[int, int], int]:
+        if self.dataset.kind != "image":
+            return dict(self.bucket_samples())
+        return {b: n for b, n in self.bucket_samples().items() if n >= self.effective_batch}
+
+    @property
+    def dropped_buckets(self) -> dict[tuple[int, int], int]:
+        if self.dataset.kind != "image":
+            return {}
+        return {b: n for b, n in self.bucket_samples().items() if n < self.effective_batch}
 
     def as_dict(self) -> dict[str, Any]:
         reasons = Counter(s.reason for s in self.skipped)
-        captions = [c for r in self.scan.records[:3] for c in r.captions[:1]]
+        captions = [c for r in self.usable[:3] for c in r.captions[:1]]
+        kept = self.kept_buckets
         return {
             "id": self.dataset.id,
+            "type": self.dataset.kind,
             "folder": str(self.dataset.folder),
             "files_found": self.scan.found,
-            "used": self.used,
+            "used": len(self.usable),
             "skipped": dict(reasons),
             "skipped_files": [{"path": str(s.path), "reason": s.reason, "detail": s.detail} for s in self.skipped],
-            "buckets": {f"{self.size[0]}x{self.size[1]}": self.used},
+            "buckets": {f"{w}x{h}": n // (1 + self.dataset.repeats) for (w, h), n in sorted(kept.items())},
+            "dropped_buckets": {
+                f"{w}x{h}": f"{n} samples < batch {self.effective_batch}"
+                for (w, h), n in sorted(self.dropped_buckets.items())
+            },
             "repeats": self.dataset.repeats,
-            "samples_per_epoch": self.used * (1 + self.dataset.repeats),
+            "samples_per_epoch": sum(kept.values()),
+            "batch_size": self.dataset.batch_size,
+            "probability": self.dataset.entry.probability,
+            "regularisation": self.dataset.is_regularisation,
+            "masks": str(self.dataset.masks.folder) if self.dataset.masks else None,
             "example_captions": captions,
         }
 
@@ -71,21 +90,45 @@ class DatasetReport:
 @dataclass
 class Report:
     datasets: list[DatasetReport]
+    text_cache_dir: Path
+    text_write_batch_size: int = 128
+
+    @property
+    def training(self) -> list[DatasetReport]:
+        return [d for d in self.datasets if d.dataset.kind == "image"]
+
+    @property
+    def evaluation(self) -> list[DatasetReport]:
+        return [d for d in self.datasets if d.dataset.kind == "eval"]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"datasets": [d.as_dict() for d in self.datasets]}
+        return {"datasets": [d.as_dict() for d in self.datasets if d.dataset.kind != "conditioning"]}
 
     def as_text(self) -> str:
         lines = []
         for d in self.datasets:
+            if d.dataset.kind == "conditioning":
+                continue
             info = d.as_dict()
-            lines.append(f"dataset {info['id']} ({info['folder']})")
+            role = {"image": "", "eval": " [eval: held out]"}[d.dataset.kind]
+            if info["regularisation"]:
+                role += " [regularisation]"
+            lines.append(f"dataset {info['id']} ({info['folder']}){role}")
             lines.append(f"  files found: {info['files_found']}, used: {info['used']}")
+            for reason, count in info["skipped"].items():
+                lines.append(f"  skipped {count}: {reason}")
             for s in d.skipped:
-                lines.append(f"  skipped ({s.reason}): {s.path}" + (f" — {s.detail}" if s.detail else ""))
-            buckets = ", ".join(f"{k}: {v}" for k, v in info["buckets"].items())
-            lines.append(f"  buckets: {buckets}")
-            lines.append(f"  samples per epoch: {info['samples_per_epoch']} (repeats {info['repeats']})")
+                lines.append(f"    {s.path}: {s.reason}" + (f" ({s.detail})" if s.detail else ""))
+            buckets = ", ".join(f"{k}: {v}" for k, v in info["buckets"].items()) or "none"
+            lines.append(f"  buckets (images): {buckets}")
+            for bucket, why in info["dropped_buckets"].items():
+                lines.append(f"  bucket {bucket} dropped: {why}")
+            if info["masks"]:
+                lines.append(f"  loss masks from: {info['masks']}")
+            lines.append(
+                f"  samples per epoch: {info['samples_per_epoch']} (repeats {info['repeats']}, "
+                f"batch {info['batch_size']}, probability {info['probability']})"
+            )
             for caption in info["example_captions"]:
                 lines.append(f"  caption: {caption}")
         return "\n".join(lines)
@@ -96,11 +139,59 @@ class Report:
         path.write_text(json.dumps(self.as_dict(), indent=2), encoding="utf-8")
         return path
 
+    def check_trainable(self) -> None:
+        """A dataset with no usable image, or datasets that cannot fill one batch, stop the run."""
+        for d in self.datasets:
+            if d.dataset.kind in ("image", "eval") and not d.usable:
+                raise UserError(_no_images_message(d))
+        for d in self.training:
+            if not d.kept_buckets:
+                samples = sum(d.bucket_samples().values())
+                raise UserError(
+                    f"Dataset `{d.dataset.id}` gives {samples} samples per epoch, too few for one batch of "
+                    f"{d.effective_batch} in any size bucket (batch × accumulation × processes); "
+                    "raise its `repeats` or lower train_batch_size."
+                )
 
-def check_datasets(config: CoreOptions, family: ModelFamily) -> Report:
-    """Scan every enabled image dataset (no model is loaded)."""
-    reports = []
-    for ds in resolve_datasets(config):
-        side = square_side(ds.resolution, ds.resolution_type, family.alignment)
-        reports.append(DatasetReport(dataset=ds, scan=scan_dataset(ds), size=(side, side)))
-    return Report(reports)
+
+def _no_images_message(report: DatasetReport) -> str:
+    reasons = Counter(s.reason for s in report.skipped)
+    why = ", ".join(f"{n} {reason}" for reason, n in reasons.items()) or "no image files in it"
+    return (
+        f"Dataset `{report.dataset.id}` has no usable image in {report.dataset.folder} "
+        f"({report.scan.found} files found; skipped: {why}); add images or fix its settings "
+        "(caption_strategy, minimum_image_size, aspect limits)."
+    )
+
+
+def scan_all(config: CoreOptions, family: ModelFamily, processes: int | None = None) -> Report:
+    """Scan every dataset (no model is loaded); ``processes`` defaults to WORLD_SIZE."""
+    listing: DatasetList = resolve_datasets(config)
+    effective = config.gradient_accumulation_steps * (processes or world_size())
+    reports = [
+        DatasetReport(
+            dataset=ds,
+            scan=scan_dataset(ds, family.alignment, config.aspect_bucket_rounding),
+            effective_batch=ds.batch_size * effective,
+        )
+        for ds in listing.datasets
+    ]
+    return Report(reports, listing.text_cache_dir, listing.text_write_batch_size)
+
+
+def verify_decoding(report: Report) -> None:
+    """Decode every used image fully (truncated files only fail here); failures become skips."""
+
+    def check(path: Path) -> str | None:
+        try:
+            load_rgb(path)
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        for d in report.datasets:
+            paths = [r.path for r in d.usable]
+            for path, error in zip(paths, pool.map(check, paths), strict=True):
+                if error:
+                    d.extra_skipped.append(Skipped(path, "unreadable", error))
