@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from stune.distributed import Processes
 from stune.errors import ConfigError
 
 PREFIX = "checkpoint-"
@@ -61,31 +62,48 @@ def resolve_resume(output_dir: Path, value: str | None) -> Path | None:
     return path
 
 
-def save(output_dir: Path, step: int, write: Callable[[Path], None], keep: int | None) -> Path:
-    """Write a checkpoint through ``write(folder)``, mark it complete, move it into place, prune old ones."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+def save(
+    output_dir: Path,
+    step: int,
+    write: Callable[[Path], None],
+    keep: int | None,
+    processes: Processes | None = None,
+    write_each: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write a checkpoint, mark it complete, move it into place, prune old ones.
+
+    ``write(folder)`` runs on the main process (adapter, optimizer, counters); ``write_each``
+    runs on every process (its own random state). All processes call this together.
+    """
+    processes = processes or Processes()
     final = output_dir / f"{PREFIX}{step}"
-    tmp = output_dir / f".{PREFIX}{step}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    write(tmp)
-    marker = tmp / MARKER
-    marker.write_text(json.dumps({"step": step, "time": time.time(), "files": sorted(os.listdir(tmp))}))
-    _fsync_tree(tmp)
-    if final.exists():  # re-saving the same step (e.g. the last step after an interval save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(output_dir)
-    _prune(output_dir, keep)
+    tmp = output_dir / f".{PREFIX}{step}.tmp"
+    if processes.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    processes.barrier()
+    if write_each is not None:
+        write_each(tmp)
+    processes.barrier()
+    if processes.is_main:
+        write(tmp)
+        marker = tmp / MARKER
+        marker.write_text(json.dumps({"step": step, "time": time.time(), "files": sorted(os.listdir(tmp))}))
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving the same step (e.g. the last step after an interval save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(output_dir)
+        _prune(output_dir, keep)
+    processes.barrier()
     return final
 
 
 def _prune(output_dir: Path, keep: int | None) -> None:
-    for stale in output_dir.glob(f".{PREFIX}*.tmp-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid != str(os.getpid()):
-            shutil.rmtree(stale, ignore_errors=True)
+    for stale in output_dir.glob(f".{PREFIX}*.tmp*"):  # left by a run killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
     if keep is None:
         return
     found = complete_checkpoints(output_dir)
@@ -140,10 +158,17 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write_state(folder: Path, state: dict[str, Any]) -> None:
-    torch.save(state, folder / STATE_FILE)
+def write_state(folder: Path, state: dict[str, Any], name: str = STATE_FILE) -> None:
+    torch.save(state, folder / name)
 
 
-def read_state(folder: Path) -> dict[str, Any]:
-    data: dict[str, Any] = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+def read_state(folder: Path, name: str = STATE_FILE) -> dict[str, Any] | None:
+    """A state file of a checkpoint (None if absent), loaded without executing pickled code."""
+    if not (folder / name).is_file():
+        return None
+    data: dict[str, Any] = torch.load(folder / name, map_location="cpu", weights_only=True)
     return data
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_state_{rank}.pt"

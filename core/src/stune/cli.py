@@ -56,9 +56,9 @@ def _train_parser(prog: str = "st-train") -> argparse.ArgumentParser:
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
+    # Under torchrun / accelerate launch only the first process reports progress; the others warn.
+    level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

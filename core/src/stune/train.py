@@ -29,6 +29,7 @@ from stune._defaults import weight_dtype
 from stune.adapters import adapters_disabled, add_lora, load_lora_into, trainable_parameters
 from stune.data.loader import BatchLoader, BatchPlan
 from stune.data.prepare import fill_caches, plan_caches, scan
+from stune.distributed import Processes
 from stune.errors import UserError
 from stune.flow import noisy_inputs, resolution_shift, sample_sigmas
 from stune.metrics import MetricsLog
@@ -65,7 +66,10 @@ def _accelerator(mixed_precision: str) -> Any:
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision)
+    # accelerate only builds a multi-process CPU (gloo) group when told the run is on the CPU.
+    no_gpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=mixed_precision, cpu=no_gpu and multi)
 
 
 def train(session: Session) -> TrainResult:
@@ -79,6 +83,7 @@ def train(session: Session) -> TrainResult:
     # -- setup --------------------------------------------------------------------------------
     accelerator = _accelerator(config.mixed_precision)
     device = accelerator.device
+    processes = Processes(accelerator.process_index, accelerator.num_processes, accelerator)
     resume_from = checkpoint.resolve_resume(output_dir, config.resume_from_checkpoint)
     resumed = checkpoint.read_state(resume_from) if resume_from else None
     # A run without a seed picks one and records it, so a resumed run replays the same batches.
@@ -93,7 +98,14 @@ def train(session: Session) -> TrainResult:
     log.info("caches: %d latents and %d captions to encode", cache_plan.missing_latents, missing_captions)
     components = host.hook.load_model(family=family, config=config, device=device, text_encoders=missing_captions > 0)
     host.hook.quantize(components=components, family=family, config=config)
-    data = fill_caches(cache_plan, config, family, components, host, device)
+    data = fill_caches(cache_plan, config, family, components, host, device, processes)
+    shares = processes.gather((data.encoded_latents, data.encoded_captions))
+    log.info(
+        "caches filled: %d latents and %d captions encoded%s",
+        sum(s[0] for s in shares),
+        sum(s[1] for s in shares),
+        f" (per process: {shares})" if processes.world > 1 else "",
+    )
     if accelerator.is_main_process:
         report.write(output_dir)
     for ds in report.datasets:
@@ -140,6 +152,7 @@ def train(session: Session) -> TrainResult:
         seed,
         config.caption_dropout_probability,
         {ds.id: ds.entry.probability for ds in training_sets},
+        processes,
     )
     accumulation = config.gradient_accumulation_steps
     steps_per_epoch = max(1, plan.batches_per_epoch // accumulation)
@@ -159,7 +172,8 @@ def train(session: Session) -> TrainResult:
     # engines; otherwise it costs ~0.5 ms per step (it probes installed packages on every step).
     if config.mixed_precision == "fp16" or accelerator.distributed_type.value in _SHARDED_ENGINES:
         optimizer = accelerator.prepare(optimizer)
-    noise_generator = torch.Generator(device=device).manual_seed(seed)
+    # Each process draws its own noise and σ (identical noise on every process would waste the batch).
+    noise_generator = torch.Generator(device=device).manual_seed(seed + 7919 * processes.rank)
     state = TrainState(max_train_steps=max_steps, output_dir=output_dir, is_main_process=accelerator.is_main_process)
 
     # -- resume -----------------------------------------------------------------------------------------
@@ -167,8 +181,15 @@ def train(session: Session) -> TrainResult:
         load_lora_into(accelerator.unwrap_model(transformer), family, resume_from / ADAPTER_FILE)
         optimizer.load_state_dict(resumed["optimizer"])
         lr_scheduler.load_state_dict(resumed["lr_scheduler"])
-        checkpoint.restore_rng(resumed["rng"])
-        noise_generator.set_state(resumed["noise_generator"].to(noise_generator.get_state().device))
+        own = checkpoint.read_state(resume_from, checkpoint.rng_file(processes.rank))
+        if own is not None:
+            checkpoint.restore_rng(own["rng"])
+            noise_generator.set_state(own["noise_generator"].to(noise_generator.get_state().device))
+        else:  # resumed with more processes than were saved: a fresh, still deterministic stream
+            log.warning(
+                "no random state for process %d in %s; noise continues from a new seed", processes.rank, resume_from
+            )
+            noise_generator.manual_seed(seed + 7919 * processes.rank + resumed["state"]["global_step"])
         state.restore(resumed["state"])
         log.info("resumed from %s at step %d", resume_from, state.global_step)
 
@@ -184,13 +205,17 @@ def train(session: Session) -> TrainResult:
                     "state": state.to_json(),
                     "optimizer": optimizer.state_dict(),
                     "lr_scheduler": lr_scheduler.state_dict(),
-                    "rng": checkpoint.capture_rng(),
-                    "noise_generator": noise_generator.get_state(),
                 },
             )
             (folder / "training_state.json").write_text(json.dumps({"seed": seed, **state.to_json()}, indent=2))
 
-        path = checkpoint.save(output_dir, state.global_step, write, config.checkpoints_total_limit)
+        def write_each(folder: Path) -> None:
+            own = {"rng": checkpoint.capture_rng(), "noise_generator": noise_generator.get_state()}
+            checkpoint.write_state(folder, own, checkpoint.rng_file(processes.rank))
+
+        path = checkpoint.save(
+            output_dir, state.global_step, write, config.checkpoints_total_limit, processes, write_each
+        )
         host.hook.on_checkpoint_saved(state=state, path=path)
         return path
 
@@ -312,7 +337,8 @@ def train(session: Session) -> TrainResult:
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.global_step += 1
-            step_loss = float(loss_sum) / accumulation
+            # The loss of the whole step: averaged over accumulation and over processes.
+            step_loss = float(accelerator.reduce(loss_sum, "mean")) / accumulation
             step_samples = samples_in_step
             micro, loss_sum, samples_in_step = 0, torch.zeros((), device=device), 0
             if not math.isfinite(step_loss):

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from stune.data.cache import LatentCache, TextEmbedCache
+from stune.distributed import Processes
 from stune.errors import UserError
 
 EMPTY_CAPTION = ""
@@ -55,7 +56,9 @@ class BatchPlan:
         seed: int,
         caption_dropout: float,
         probabilities: dict[str, float] | None = None,
+        processes: Processes | None = None,
     ) -> None:
+        self.processes = processes or Processes()
         self.samples = samples
         self.batch_sizes = batch_sizes
         self.seed = seed
@@ -70,9 +73,8 @@ class BatchPlan:
             for size, ix in buckets.items()
             if len(ix) < batch_sizes[ds]
         }
-        self.batches_per_epoch = sum(
-            len(ix) // batch_sizes[ds] for ds, buckets in self.groups.items() for ix in buckets.values()
-        )
+        total = sum(len(ix) // batch_sizes[ds] for ds, buckets in self.groups.items() for ix in buckets.values())
+        self.batches_per_epoch = total // self.processes.world  # per process
         if self.batches_per_epoch == 0:
             raise UserError(
                 f"The datasets give {len(samples)} samples, too few for one batch from a single size; "
@@ -100,7 +102,9 @@ class BatchPlan:
             if not per_dataset[pick]:
                 names.remove(pick)
             planned.append(PlannedBatch(pick, indices, [self._caption(i, gen) for i in indices]))
-        return planned
+        # Every process sees the same plan and takes every world-th batch, so each process steps
+        # the same number of times and no batch is trained twice.
+        return self.processes.share(planned[: self.batches_per_epoch * self.processes.world])
 
     def _caption(self, index: int, gen: torch.Generator) -> str:
         options = self.samples[index].captions

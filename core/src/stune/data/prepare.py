@@ -14,6 +14,7 @@ from stune.data.images import load_mask, load_sample
 from stune.data.loader import EMPTY_CAPTION, Sample
 from stune.data.metadata import Skipped
 from stune.data.report import Report, scan_all
+from stune.distributed import Processes
 
 if TYPE_CHECKING:
     from stune.config import CoreOptions
@@ -105,8 +106,14 @@ def fill_caches(
     components: Components,
     host: PluginHost,
     device: torch.device,
+    processes: Processes | None = None,
 ) -> PreparedData:
-    """Encode whatever is missing from the caches; return the training and eval samples."""
+    """Encode whatever is missing from the caches; return the training and eval samples.
+
+    With several processes each encodes its own share of the images and captions (a fixed split
+    of the full lists, so no entry is encoded twice), then all wait for each other.
+    """
+    processes = processes or Processes()
     encoded_latents = 0
     vae = components.vae
     offload = config.offload_during_startup and device.type != "cpu"
@@ -129,10 +136,11 @@ def fill_caches(
         if not jobs or d.dataset.id in plan.trusted_latents:
             continue
         batch = d.dataset.entry.write_batch_size or write_batch
-        count, failures = LatentCache.fill(jobs, prepare, encode_images, config.vae_batch_size, batch)
+        count, failures = LatentCache.fill(processes.share(jobs), prepare, encode_images, config.vae_batch_size, batch)
         encoded_latents += count
-        for path, error in failures.items():
-            d.extra_skipped.append(Skipped(path, "unreadable", error))
+        for shared in processes.gather(sorted(failures.items())):
+            for path, error in shared:
+                d.extra_skipped.append(Skipped(path, "unreadable", error))
     plan.report.check_trainable()  # decoding may have removed the last images of a dataset
 
     if offload:
@@ -147,10 +155,11 @@ def fill_caches(
             )
         return out
 
-    captions = [c for c in plan.captions if c not in plan.trusted_captions]
+    captions = list(dict.fromkeys(c for c in plan.captions if c not in plan.trusted_captions))
     encoded_captions = plan.text_cache.fill(
-        captions, encode_text, config.text_encoder_batch_size, plan.report.text_write_batch_size
+        processes.share(captions), encode_text, config.text_encoder_batch_size, plan.report.text_write_batch_size
     )
+    processes.barrier()  # every process reads every entry from here on
 
     samples: list[Sample] = []
     eval_samples: list[Sample] = []
