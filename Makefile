@@ -50,6 +50,7 @@ test: lint typecheck pytest
 
 bench: $(INSTALLED)
 	$(PY) bench/step_overhead.py
+	$(PY) bench/data_pipeline.py
 
 clean:
 	rm -rf $(VENV) demo

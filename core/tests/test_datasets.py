@@ -201,3 +201,36 @@ def test_caption_dropout_and_too_few_samples() -> None:
     assert all(b.captions == [""] for b in plan.epoch(0))
     with pytest.raises(UserError, match="raise `repeats`"):
         BatchPlan(_samples("a", 3), {"a": 4}, seed=0, caption_dropout=0.0)
+
+
+def test_readable_cache_names_mirror_the_dataset(tmp_path: Path) -> None:
+    from stune.data.buckets import SizePlan
+    from stune.data.cache import LatentCache
+
+    (tmp_path / "img" / "sub").mkdir(parents=True)
+    image = tmp_path / "img" / "sub" / "cat.png"
+    Image.new("RGB", (8, 8)).save(image)
+    plan = SizePlan((64, 64), (64, 64), (0, 0, 64, 64))
+    hashed = LatentCache(tmp_path / "c", {"m": 1}).path(image, plan)
+    readable = LatentCache(tmp_path / "c", {"m": 1}, hash_filenames=False, root=tmp_path / "img").path(image, plan)
+    assert hashed.parent == tmp_path / "c" and len(hashed.stem) == 40
+    assert readable.parent == tmp_path / "c" / "sub" and readable.name.startswith("cat-")
+    other = SizePlan((64, 64), (80, 64), (8, 0, 72, 64))
+    assert LatentCache(tmp_path / "c", {"m": 1}).path(image, other) != hashed  # another crop, another entry
+
+
+def test_background_writer_reports_a_failed_write(tmp_path: Path) -> None:
+    import torch
+
+    from stune.data.cache import AsyncWriter
+
+    (tmp_path / "file").write_text("a file where a folder should be")
+    with pytest.raises(OSError), AsyncWriter(2) as writer:
+        writer.write({"x": torch.zeros(1)}, tmp_path / "file" / "entry.safetensors")
+
+
+def test_trusted_latent_cache_names_the_missing_entry(tmp_path: Path) -> None:
+    from stune.data.cache import LatentCache
+
+    with pytest.raises(FileNotFoundError, match="skip_file_discovery"):
+        LatentCache.load(tmp_path / "missing.safetensors")

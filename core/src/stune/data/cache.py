@@ -174,6 +174,7 @@ class LatentCache:
         encode: Callable[[torch.Tensor], dict[str, torch.Tensor]],
         batch_size: int,
         write_batch_size: int = 128,
+        workers: int | None = None,
     ) -> tuple[int, dict[Path, str]]:
         """Encode the jobs whose cache file is missing.
 
@@ -187,7 +188,7 @@ class LatentCache:
         if not todo:
             return 0, failures
         encoded = 0
-        workers = max(1, min(8, os.cpu_count() or 1))
+        workers = workers or max(1, min(8, os.cpu_count() or 1))
 
         def safe_prepare(job: LatentJob) -> tuple[np.ndarray, np.ndarray | None] | str:
             try:
