@@ -131,3 +131,19 @@ def test_stopped_and_resumed_equals_uninterrupted(
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
     assert not all(torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "lora_B" in k)
+
+
+def test_sigkill_while_caching_leaves_no_corrupt_entry(tmp_path: Path, tiny_flux_dir: Path) -> None:
+    run = _run_folder(tmp_path, tiny_flux_dir, text_encoder_batch_size=1)
+    flag = tmp_path / "stalled"
+    proc = _start(run, {"STUNE_TEST_STALL_CAPTIONS": "2", "STUNE_TEST_STALL_FLAG": str(flag)})
+    _wait_for(flag.exists, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    cached = list((run / "cache" / "text").glob("*.safetensors"))
+    assert len(cached) == 1  # the first caption was written; the second was in the encoder's hands
+    assert all(load_file(str(p)) for p in cached)  # nothing half-written under a real name
+    resumed = run_cli(["--plugin", "flux"], cwd=run)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "caches: 0 latents and 4 captions to encode" in resumed.stderr  # 4 captions + "" minus the one kept
+    assert not list((run / "cache").rglob("*.tmp"))
