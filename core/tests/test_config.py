@@ -10,11 +10,11 @@ import pytest
 from stune.config import (
     CoreOptions,
     parse_overrides,
-    parse_resolutions,
     read_config_file,
     validate_config,
 )
 from stune.errors import ConfigError, PluginNotInstalled
+from stune.opts.validation import parse_resolutions
 from stune.plugins import PluginHost
 
 

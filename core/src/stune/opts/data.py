@@ -1,0 +1,41 @@
+"""Datasets and caches (the per-dataset keys are in stune.data.config)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from stune.options import Field, Options
+
+
+class DataOptions(Options):
+    data_backend_config: str | None = Field(
+        None, description="Dataset list (multidatabackend.json); default config/multidatabackend.json."
+    )
+    resolution: float = Field(1024, gt=0, description="Training resolution (unit set by resolution_type).")
+    resolution_type: Literal["pixel", "area", "pixel_area"] = Field(
+        "pixel_area", description="pixel: shorter edge; area: megapixels; pixel_area: side of a square of equal area."
+    )
+    caption_strategy: Literal["filename", "textfile", "instanceprompt", "parquet"] = Field(
+        "filename", description="Where captions come from (datasets may override)."
+    )
+    instance_prompt: str | None = Field(None, description="Caption for caption_strategy=instanceprompt.")
+    cache_dir: str = Field("cache", description="Root folder of the latent and text-embedding caches.")
+    cache_dir_vae: str | None = Field(
+        None, description="VAE latent cache folder; default <cache_dir>/vae/<dataset id>."
+    )
+    cache_dir_text: str | None = Field(None, description="Text-embedding cache folder; default <cache_dir>/text.")
+    vae_batch_size: int = Field(4, gt=0, description="Images per VAE forward while caching.")
+    text_encoder_batch_size: int = Field(8, gt=0, description="Captions per text-encoder forward while caching.")
+    write_batch_size: int = Field(128, gt=0, description="Cache entries handed to the background writer at once.")
+    aspect_bucket_rounding: int = Field(
+        2, ge=0, le=6, description="Decimals an image's aspect ratio is rounded to when choosing its bucket."
+    )
+    offload_during_startup: bool = Field(
+        False, description="Keep only the encoder in use on the accelerator while caching (saves memory)."
+    )
+    caption_dropout_probability: float = Field(
+        0.1, ge=0, le=1, description="Probability of training a sample on the empty caption."
+    )
+    tokenizer_max_length: int | None = Field(
+        None, gt=0, description="Token length of the long text encoder (T5); family default when unset."
+    )

@@ -1,0 +1,28 @@
+"""The flow-matching noise schedule: how σ is drawn for each training sample."""
+
+from __future__ import annotations
+
+from pydantic import model_validator
+
+from stune.options import Field, Options
+
+
+class FlowOptions(Options):
+    flow_schedule_shift: float = Field(3.0, ge=0, description="Static sigma shift s: s·σ/(1+(s−1)·σ); 0 disables.")
+    flow_schedule_auto_shift: bool = Field(
+        False, description="Resolution-dependent shift from the scheduler's base/max shift (replaces the static one)."
+    )
+    flow_sigmoid_scale: float = Field(1.0, gt=0, description="σ = sigmoid(scale·N(0,1)) before the shift.")
+
+    @model_validator(mode="after")
+    def _shift(self) -> FlowOptions:
+        if (
+            self.flow_schedule_auto_shift
+            and "flow_schedule_shift" in self.model_fields_set
+            and self.flow_schedule_shift > 0
+        ):
+            raise ValueError(
+                "`flow_schedule_auto_shift` replaces `flow_schedule_shift`; remove flow_schedule_shift "
+                "or set it to 0, or turn auto shift off"
+            )
+        return self

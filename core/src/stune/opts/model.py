@@ -1,0 +1,36 @@
+"""Which model is trained, and where it comes from."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import model_validator
+
+from stune.options import Field, Options
+
+
+class ModelOptions(Options):
+    model_family: str | None = Field(None, description="Model family to train (e.g. flux); needs its plugin.")
+    model_flavour: str | None = Field(None, description="Named variant of the family, mapped to a Hub repository.")
+    pretrained_model_name_or_path: str | None = Field(
+        None, description="Local diffusers folder or Hub id of the base pipeline (overrides model_flavour)."
+    )
+    pretrained_transformer_model_name_or_path: str | None = Field(
+        None, description="Load only the transformer from this folder or Hub id."
+    )
+    pretrained_transformer_subfolder: str | None = Field(
+        "transformer", description="Subfolder of the transformer repository; `none` for its root."
+    )
+    pretrained_vae_model_name_or_path: str | None = Field(None, description="Load the VAE from this folder or Hub id.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "bf16", description="Precision of the frozen base weights and autocast; adapters stay fp32."
+    )
+    gradient_checkpointing: bool = Field(True, description="Recompute block activations in backward to save memory.")
+
+    @model_validator(mode="after")
+    def _subfolder_none(self) -> ModelOptions:
+        sub = self.pretrained_transformer_subfolder
+        if sub is not None and sub.lower() in ("none", ""):
+            self.pretrained_transformer_subfolder = None
+        return self
