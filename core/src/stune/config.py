@@ -24,6 +24,7 @@ from stune.opts.data import DataOptions
 from stune.opts.flow import FlowOptions
 from stune.opts.model import ModelOptions
 from stune.opts.optim import OptimizerOptions
+from stune.opts.tracking import TrackingOptions
 from stune.opts.training import TrainingOptions
 from stune.opts.validation import ValidationOptions
 
@@ -42,6 +43,7 @@ class CoreOptions(
     OptimizerOptions,
     FlowOptions,
     ValidationOptions,
+    TrackingOptions,
 ):
     """Options every run has, whatever the model family (one mixin per area, in ``stune.opts``)."""
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from stune import checkpoint
+from stune import checkpoint, optim
 from stune._defaults import weight_dtype
 from stune.adapters import adapters_disabled, add_lora, load_lora_into, trainable_parameters
 from stune.data.loader import BatchLoader, BatchPlan
@@ -35,6 +35,7 @@ from stune.flow import noisy_inputs, resolution_shift, sample_sigmas
 from stune.metrics import MetricsLog
 from stune.session import Session
 from stune.state import TrainState
+from stune.tracking import start_trackers
 from stune.validation import render, validation_prompts
 
 log = logging.getLogger("stune.train")
@@ -74,7 +75,6 @@ def _accelerator(mixed_precision: str) -> Any:
 
 def train(session: Session) -> TrainResult:
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
 
     config, family, host = session.config, session.family, session.host
     output_dir = Path(config.output_dir)
@@ -138,13 +138,7 @@ def train(session: Session) -> TrainResult:
 
     # -- optimizer, schedule --------------------------------------------------------------------------
     params = trainable_parameters(transformer)
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay,
-        eps=config.adam_epsilon,
-    )
+    optimizer = optim.build_optimizer(params, config)
     training_sets = [d.dataset for d in report.training]
     plan = BatchPlan(
         data.samples,
@@ -159,14 +153,8 @@ def train(session: Session) -> TrainResult:
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     if max_steps <= 0:
         raise UserError("Nothing to train: set max_train_steps or num_train_epochs above 0.")
-    lr_scheduler = get_scheduler(
-        config.lr_scheduler,
-        optimizer,
-        num_warmup_steps=config.lr_warmup_steps,
-        num_training_steps=max_steps,
-        num_cycles=config.lr_num_cycles,
-        power=config.lr_power,
-    )
+    lr_scheduler = optim.build_lr_scheduler(optimizer, config, max_steps)
+    clip = optim.clips_gradients(config)
     transformer = accelerator.prepare(transformer)
     # accelerate's optimizer wrapper is needed only to unscale fp16 gradients or for sharded
     # engines; otherwise it costs ~0.5 ms per step (it probes installed packages on every step).
@@ -235,6 +223,7 @@ def train(session: Session) -> TrainResult:
         )
         if components.vae is not None and device.type != "cpu":
             components.vae.to("cpu")
+        trackers.log_images(images, state.global_step)
         host.hook.on_validation_done(state=state, images=images)
         return images
 
@@ -299,6 +288,7 @@ def train(session: Session) -> TrainResult:
         seed,
         time.perf_counter() - started,
     )
+    trackers = start_trackers(config, accelerator, output_dir)
     host.hook.on_train_start(state=state, config=config)
     progress = tqdm(
         total=max_steps,
@@ -325,12 +315,12 @@ def train(session: Session) -> TrainResult:
             state.batches_in_epoch += 1
             if not sync:
                 continue
-            if config.max_grad_norm > 0 and config.grad_clip_method == "norm":
+            if clip and config.grad_clip_method == "norm":
                 grad_norm = float(accelerator.clip_grad_norm_(params, config.max_grad_norm))  # norm before clipping
             else:
                 grads = [p.grad for p in params if p.grad is not None]
                 grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-                if config.max_grad_norm > 0:
+                if clip:
                     accelerator.clip_grad_value_(params, config.max_grad_norm)
             step_lr = lr_scheduler.get_last_lr()[0]  # the rate this step was taken with
             optimizer.step()
@@ -359,6 +349,7 @@ def train(session: Session) -> TrainResult:
             }
             if metrics is not None:
                 metrics.write(record)
+                trackers.log(record, state.global_step)
                 host.hook.on_step_end(state=state, metrics=record)
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
             progress.update(1)
@@ -390,6 +381,7 @@ def train(session: Session) -> TrainResult:
         )
         (output_dir / "plugins.json").write_text(json.dumps(host.listing(), indent=2))
         host.hook.on_train_end(state=state, output_dir=output_dir)
+        trackers.finish()
         if metrics is not None:
             metrics.close()
     accelerator.wait_for_everyone()
