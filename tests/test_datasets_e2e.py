@@ -246,8 +246,9 @@ def test_mask_of_zeros_removes_the_region_from_the_loss(
     assert grad[..., 4:].abs().sum() > 0
 
 
+@pytest.mark.parametrize("lora_type", ["standard", "lycoris"])
 def test_regularisation_target_is_the_base_model_prediction(
-    tmp_path: Path, tiny_flux_dir: Path, monkeypatch: pytest.MonkeyPatch
+    lora_type: str, tmp_path: Path, tiny_flux_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from diffusers import FluxTransformer2DModel
 
@@ -271,9 +272,12 @@ def test_regularisation_target_is_the_base_model_prediction(
                 "tokenizer_max_length": 16,
                 "validation_step_interval": 0,
                 "checkpoint_step_interval": 0,
+                "lora_type": lora_type,
+                "lycoris_config": "config/lycoris.json",
             }
         )
     )
+    (tmp_path / "config" / "lycoris.json").write_text(json.dumps({"algo": "lokr", "factor": 4, "full_matrix": True}))
     monkeypatch.chdir(tmp_path)
     probe = LossProbe()
     session = prepare(host=PluginHost.build(["flux"], plugins=[probe]))

@@ -9,11 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stune.errors import ConfigError
 from stune.hookspecs import hookimpl
 
 if TYPE_CHECKING:
     import torch
 
+    from stune.adapters import Adapter
     from stune.config import CoreOptions
     from stune.family import Components, ModelFamily
 
@@ -23,6 +25,21 @@ def weight_dtype(config: CoreOptions) -> torch.dtype:
     import torch
 
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
+
+
+@hookimpl(trylast=True)
+def check_config(config: CoreOptions) -> None:
+    """Checks of the machine the options need (imports torch only for the options that need it)."""
+    if config.model_type == "lora" and config.lora_type == "standard" and config.lora_init_type == "loftq":
+        import importlib.util
+
+        import torch
+
+        if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError(
+                "`lora_init_type` loftq quantizes with bitsandbytes on a CUDA GPU, which this machine lacks; "
+                "use default, gaussian, pissa or olora."
+            )
 
 
 @hookimpl(trylast=True)
@@ -46,14 +63,8 @@ def compute_loss(prediction: torch.Tensor, target: torch.Tensor, batch: dict[str
 
 
 @hookimpl(trylast=True)
-def save_adapter(family: ModelFamily, transformer: torch.nn.Module, output_dir: Path) -> list[Path]:
-    from peft.utils import get_peft_model_state_dict
-
-    state_dict = get_peft_model_state_dict(transformer)
-    config = transformer.peft_config["default"].to_dict()  # type: ignore[index,operator]
-    # PEFT keeps target_modules as a set; metadata must be JSON (diffusers writes it as a list too).
-    metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-    return [family.save_lora(output_dir, state_dict, metadata)]
+def save_adapter(adapter: Adapter, output_dir: Path) -> list[Path]:
+    return adapter.save(output_dir)
 
 
 class QuantizeDispatch:

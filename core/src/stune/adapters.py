@@ -1,75 +1,330 @@
-"""Adding and restoring PEFT LoRA adapters on a family's transformer."""
+"""What is trained, behind one small interface: a PEFT LoRA, a LyCORIS network, or the whole transformer.
+
+Every adapter knows its trainable parameters, how to switch itself off (the base model's prediction
+for regularisation data), how to write itself in the format people load elsewhere, and how to read
+that back for resume. The training loop only talks to this interface.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
+import shutil
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from stune.errors import ConfigError
 from stune.family import match_modules
+from stune.jsonfile import read_json
 
 if TYPE_CHECKING:
     from stune.config import CoreOptions
     from stune.family import ModelFamily
 
+log = logging.getLogger("stune.adapters")
+LORA_FILE = "pytorch_lora_weights.safetensors"
+LYCORIS_CONFIG_FILE = "lycoris_config.json"
+FULL_FOLDER = "transformer"
 
-def add_lora(transformer: torch.nn.Module, family: ModelFamily, config: CoreOptions) -> list[str]:
-    """Freeze the transformer, add a LoRA on the family's targets, keep adapter weights in fp32.
 
-    Returns the adapted module names. A target list that matches nothing is a user error (a
-    preset for a larger model, a typo in peft_lora_target_modules).
-    """
-    from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig
+class Adapter:
+    """The trained part of a run."""
 
-    targets = family.lora_target_modules()
-    names = [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)]
-    matched = match_modules(names, targets)
-    if not matched:
-        raise ConfigError(
-            f"The LoRA targets {targets} match no linear layer of this {family.name} transformer; "
-            "choose another target preset or fix peft_lora_target_modules."
+    kind: ClassVar[str]
+    #: whether the adapter can be switched off to get the base model's prediction
+    can_disable: ClassVar[bool] = True
+
+    def __init__(self, transformer: torch.nn.Module, family: ModelFamily, config: CoreOptions) -> None:
+        self.transformer = transformer
+        self.family = family
+        self.config = config
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Inside the block the model predicts like the base model."""
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    def save(self, output_dir: Path) -> list[Path]:
+        """Write the trained weights in their loadable format into ``output_dir``."""
+        raise NotImplementedError
+
+    def load(self, folder: Path) -> None:
+        """Read back what :meth:`save` wrote (resume, ``init_lora``)."""
+        raise NotImplementedError
+
+    def _cast_trainable(self, dtype: torch.dtype) -> None:
+        for param in self.parameters():
+            param.data = param.data.to(dtype)
+
+
+# -- PEFT LoRA ------------------------------------------------------------------------------------
+
+
+class PeftLora(Adapter):
+    kind = "lora"
+
+    def __init__(self, transformer: torch.nn.Module, family: ModelFamily, config: CoreOptions) -> None:
+        super().__init__(transformer, family, config)
+        from peft import LoraConfig
+
+        targets = family.lora_target_modules()
+        names = [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)]
+        if not match_modules(names, targets):
+            raise ConfigError(
+                f"The LoRA targets {targets} match no linear layer of this {family.name} transformer; "
+                "choose another target preset or fix peft_lora_target_modules."
+            )
+        init: bool | str = True if config.lora_init_type == "default" else config.lora_init_type
+        extra: dict[str, Any] = {}
+        if config.lora_init_type == "loftq":
+            from peft import LoftQConfig
+
+            extra["loftq_config"] = LoftQConfig(loftq_bits=4)
+        transformer.requires_grad_(False)
+        transformer.add_adapter(  # type: ignore[operator]
+            LoraConfig(
+                r=config.lora_rank,
+                lora_alpha=config.effective_lora_alpha,
+                lora_dropout=config.lora_dropout,
+                init_lora_weights=init,
+                use_dora=config.use_dora,
+                target_modules=targets,
+                **extra,
+            )
         )
-    transformer.requires_grad_(False)
-    lora_config = LoraConfig(
-        r=config.lora_rank,
-        lora_alpha=config.effective_lora_alpha,
-        init_lora_weights=True,
-        target_modules=targets,
-    )
-    transformer.add_adapter(lora_config)  # type: ignore[operator]
-    # Frozen weights may be bf16; the adapter trains in fp32 so small updates are not rounded away.
-    cast_training_params(transformer, dtype=torch.float32)
-    return matched
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        self.transformer.disable_adapters()  # type: ignore[operator]
+        try:
+            yield
+        finally:
+            self.transformer.enable_adapters()  # type: ignore[operator]
+
+    def save(self, output_dir: Path) -> list[Path]:
+        from peft.utils import get_peft_model_state_dict
+
+        state_dict = get_peft_model_state_dict(self.transformer)
+        config = self.transformer.peft_config["default"].to_dict()  # type: ignore[index,operator]
+        # PEFT keeps target_modules as a set; metadata must be JSON (diffusers writes it as a list too).
+        metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+        return [self.family.save_lora(output_dir, state_dict, metadata)]
+
+    def load(self, folder: Path) -> None:
+        from peft import set_peft_model_state_dict
+
+        path = folder / LORA_FILE if folder.is_dir() else folder
+        state_dict = self.family.load_lora(path)
+        result = set_peft_model_state_dict(self.transformer, state_dict)
+        unexpected = getattr(result, "unexpected_keys", None) or []
+        missing = [k for k in (getattr(result, "missing_keys", None) or []) if "lora_" in k]
+        if unexpected or missing:
+            key = (unexpected or missing)[0]
+            raise ConfigError(
+                f"The adapter {path} does not fit this LoRA ({len(unexpected)} unexpected and {len(missing)} "
+                f"missing keys, e.g. {key}); use the same LoRA options it was trained with, or start fresh."
+            )
 
 
-def load_lora_into(transformer: torch.nn.Module, family: ModelFamily, path: Path) -> None:
-    """Restore adapter weights written by ``save_adapter`` (for resume)."""
-    from peft import set_peft_model_state_dict
+# -- LyCORIS --------------------------------------------------------------------------------------------
 
-    state_dict = family.load_lora(path)
-    result = set_peft_model_state_dict(transformer, state_dict)
-    unexpected = getattr(result, "unexpected_keys", None) or []
-    if unexpected:
-        raise ConfigError(
-            f"The checkpoint adapter {path} does not fit this model ({len(unexpected)} unexpected keys, "
-            f"e.g. {unexpected[0]}); resume with the same LoRA options or start fresh (resume_from_checkpoint=none)."
+
+class Lycoris(Adapter):
+    kind = "lycoris"
+    #: the keys ``lycoris.LycorisNetwork.apply_preset`` accepts, with the library's own defaults
+    _PRESET_DEFAULTS: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, transformer: torch.nn.Module, family: ModelFamily, config: CoreOptions) -> None:
+        super().__init__(transformer, family, config)
+        from lycoris import LycorisNetwork, create_lycoris
+
+        path = Path(config.lycoris_config)
+        settings = read_json(path, "LyCORIS config (lycoris_config)")
+        if not isinstance(settings, dict) or "algo" not in settings:
+            raise ConfigError(f"The LyCORIS config {path} must be a JSON object with at least an `algo`.")
+        self.settings = settings
+        kwargs = dict(settings)
+        multiplier = float(kwargs.pop("multiplier", 1.0))
+        linear_dim = int(kwargs.pop("linear_dim", 4))
+        linear_alpha = float(kwargs.pop("linear_alpha", 1.0))
+        preset = kwargs.pop("apply_preset", None) or {"target_module": ["Attention"]}
+        _apply_preset(LycorisNetwork, _alias_preset(preset, family))
+        transformer.requires_grad_(False)
+        network = create_lycoris(transformer, multiplier, linear_dim, linear_alpha, **kwargs)
+        if not network.loras:
+            raise ConfigError(
+                f"The LyCORIS config {path} matches no module of this {family.name} transformer; check its "
+                f"target_module / name_algo_map (module classes here include: {_class_names(transformer)})."
+            )
+        network.apply_to()
+        if config.init_lokr_norm is not None:
+            _init_lokr_norm(network, config.init_lokr_norm)
+        # Attached as a submodule so that .to(), accelerate and DDP see its parameters.
+        transformer.add_module("stune_lycoris", network)
+        self.network = network
+        kinds = Counter(type(m).__name__ for m in network.loras)
+        log.info("LyCORIS %s: %d modules (%s)", settings["algo"], len(network.loras), dict(kinds))
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.network.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        multiplier = self.network.multiplier
+        self.network.set_multiplier(0.0)
+        try:
+            yield
+        finally:
+            self.network.set_multiplier(multiplier)
+
+    def save(self, output_dir: Path) -> list[Path]:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        weights = output_dir / LORA_FILE
+        self.network.save_weights(str(weights), None, {"lycoris_config": json.dumps(self.settings)})
+        config = output_dir / LYCORIS_CONFIG_FILE
+        config.write_text(json.dumps(self.settings, indent=2))
+        return [weights, config]
+
+    def load(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        path = folder / LORA_FILE if folder.is_dir() else folder
+        weights = load_file(str(path))
+        missing, unexpected = self.network.load_state_dict(weights, strict=False)
+        if unexpected or missing:
+            key = (unexpected or missing)[0]
+            raise ConfigError(
+                f"The LyCORIS weights {path} do not fit this network ({len(unexpected)} unexpected and "
+                f"{len(missing)} missing keys, e.g. {key}); use the lycoris_config they were trained with."
+            )
+
+
+def _lycoris_defaults(network_class: Any) -> dict[str, Any]:
+    if not Lycoris._PRESET_DEFAULTS:
+        Lycoris._PRESET_DEFAULTS.update(
+            {
+                "enable_conv": network_class.ENABLE_CONV,
+                "target_module": list(network_class.TARGET_REPLACE_MODULE),
+                "target_name": list(network_class.TARGET_REPLACE_NAME),
+                "module_algo_map": dict(network_class.MODULE_ALGO_MAP),
+                "name_algo_map": dict(network_class.NAME_ALGO_MAP),
+                "use_fnmatch": network_class.USE_FNMATCH,
+                "exclude_name": list(network_class.TARGET_EXCLUDE_NAME),
+            }
         )
+    return dict(Lycoris._PRESET_DEFAULTS)
 
 
-@contextlib.contextmanager
-def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
-    """Run the base model: PEFT adapters off inside the block, on again after."""
-    model.disable_adapters()  # type: ignore[operator]
-    try:
-        yield
-    finally:
-        model.enable_adapters()  # type: ignore[operator]
+def _apply_preset(network_class: Any, preset: dict[str, Any]) -> None:
+    # lycoris keeps the preset in class attributes; start from its defaults every time so that a
+    # second run in the same process does not inherit the first one's targets.
+    defaults = _lycoris_defaults(network_class)
+    unknown = sorted(set(preset) - set(defaults) - {"lora_prefix"})
+    if unknown:
+        raise ConfigError(f"`apply_preset` in the LyCORIS config has an unknown key `{unknown[0]}`.")
+    network_class.apply_preset({**defaults, **preset})
 
 
-def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in module.parameters() if p.requires_grad]
+def _alias_preset(preset: dict[str, Any], family: ModelFamily) -> dict[str, Any]:
+    """Module class names in SimpleTuner configs (``Attention``) → this family's diffusers classes."""
+    aliases = family.lycoris_module_aliases
+    if not aliases:
+        return preset
+    out = dict(preset)
+    if "target_module" in out:
+        out["target_module"] = [name for n in out["target_module"] for name in (n, *aliases.get(n, ()))]
+    if "module_algo_map" in out:
+        mapped: dict[str, Any] = {}
+        for name, algo in out["module_algo_map"].items():
+            for alias in (name, *aliases.get(name, ())):
+                mapped[alias] = algo
+        out["module_algo_map"] = mapped
+    return out
+
+
+def _class_names(module: torch.nn.Module) -> str:
+    names = sorted({type(m).__name__ for m in module.modules() if type(m).__module__.startswith("diffusers")})
+    return ", ".join(names[:12])
+
+
+def _init_lokr_norm(network: Any, scale: float) -> None:
+    """SimpleTuner's init_lokr_norm: w1 = 1, w2 ~ N(0, (scale · std of the original weight)²)."""
+    with torch.no_grad():
+        for module in network.loras:
+            if not hasattr(module, "lokr_w1") or not hasattr(module, "lokr_w2"):
+                continue
+            module.lokr_w1.fill_(1.0)
+            original = module.org_module[0].weight if isinstance(module.org_module, list) else module.org_module.weight
+            module.lokr_w2.normal_(0.0, float(original.float().std()) * scale)
+            if getattr(module, "scalar", None) is not None and module.scalar.numel() == 1:
+                module.scalar.fill_(1.0)  # use_scalar starts at 0, which would hide the initialisation
+
+
+# -- full fine-tuning ----------------------------------------------------------------------------------------
+
+
+class FullFinetune(Adapter):
+    kind = "full"
+    can_disable = False
+
+    def __init__(self, transformer: torch.nn.Module, family: ModelFamily, config: CoreOptions) -> None:
+        super().__init__(transformer, family, config)
+        transformer.requires_grad_(True)
+
+    def save(self, output_dir: Path) -> list[Path]:
+        folder = output_dir / FULL_FOLDER
+        if folder.exists():
+            shutil.rmtree(folder)
+        self.transformer.save_pretrained(folder, safe_serialization=True)  # type: ignore[operator]
+        return [folder]
+
+    def load(self, folder: Path) -> None:
+        from diffusers.models.model_loading_utils import load_state_dict
+
+        path = folder / FULL_FOLDER if (folder / FULL_FOLDER).is_dir() else folder
+        index = path / "diffusion_pytorch_model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else None
+        state: dict[str, torch.Tensor] = {}
+        for name in files or ["diffusion_pytorch_model.safetensors"]:
+            state.update(load_state_dict(str(path / name)))
+        missing, unexpected = self.transformer.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ConfigError(
+                f"The transformer in {path} does not fit this model ({len(missing)} missing, "
+                f"{len(unexpected)} unexpected weights); resume with the same model."
+            )
+
+
+ADAPTERS: dict[str, type[Adapter]] = {"lora": PeftLora, "lycoris": Lycoris, "full": FullFinetune}
+
+
+def adapter_kind(config: CoreOptions) -> str:
+    if config.model_type == "full":
+        return "full"
+    return "lycoris" if config.lora_type == "lycoris" else "lora"
+
+
+def create_adapter(
+    transformer: torch.nn.Module, family: ModelFamily, config: CoreOptions, trainable_dtype: torch.dtype
+) -> Adapter:
+    """Add what is trained to the (frozen) transformer, optionally starting from ``init_lora``."""
+    adapter = ADAPTERS[adapter_kind(config)](transformer, family, config)
+    # Frozen weights may be bf16; the trained ones are kept in trainable_dtype (fp32 unless the
+    # optimizer is built for bf16 weights) so small updates are not rounded away.
+    adapter._cast_trainable(trainable_dtype)
+    if config.init_lora:
+        path = Path(config.init_lora)
+        if not path.exists():
+            raise ConfigError(f"init_lora {path} does not exist; fix the path.")
+        adapter.load(path)
+        log.info("adapter initialised from %s", path)
+    return adapter

@@ -21,6 +21,7 @@ from stune.jsonfile import read_json
 from stune.options import Options, option_names
 from stune.opts.adapter import AdapterOptions
 from stune.opts.data import DataOptions
+from stune.opts.ema import EMAOptions
 from stune.opts.flow import FlowOptions
 from stune.opts.model import ModelOptions
 from stune.opts.optim import OptimizerOptions
@@ -44,6 +45,7 @@ class CoreOptions(
     FlowOptions,
     ValidationOptions,
     TrackingOptions,
+    EMAOptions,
 ):
     """Options every run has, whatever the model family (one mixin per area, in ``stune.opts``)."""
 

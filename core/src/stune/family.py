@@ -64,6 +64,7 @@ class ModelFamily:
     * ``routable_blocks``: attribute names of the transformer's block lists token routing may use.
     * ``quantization_exclusions``: module-name patterns a quantizer must leave in high precision.
     * ``config_defaults``: values for core options the user did not set (e.g. validation guidance).
+    * ``lycoris_module_aliases``: class names LyCORIS configs use → the classes of this transformer.
     """
 
     name: ClassVar[str]
@@ -79,6 +80,8 @@ class ModelFamily:
     routable_blocks: ClassVar[tuple[str, ...]] = ()
     quantization_exclusions: ClassVar[tuple[str, ...]] = ()
     config_defaults: ClassVar[dict[str, Any]] = {}
+    #: module class names used in LyCORIS configs (SimpleTuner's ``Attention``) → this family's classes
+    lycoris_module_aliases: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, config: CoreOptions) -> None:
         self.config = config

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
     import torch
 
+    from stune.adapters import Adapter
     from stune.config import Config
     from stune.family import Components, ModelFamily
     from stune.features import TrainingFeature
@@ -223,15 +224,19 @@ def route_tokens(family: ModelFamily, transformer: torch.nn.Module, config: Conf
 
 
 @hookspec(firstresult=True)
-def save_adapter(family: ModelFamily, transformer: torch.nn.Module, output_dir: Path, config: Config) -> list[Path]:
+def save_adapter(
+    family: ModelFamily, transformer: torch.nn.Module, adapter: Adapter, output_dir: Path, config: Config
+) -> list[Path]:
     """Write the trained weights in their loadable format.
 
-    Fires for every checkpoint and for the final export. *firstresult*: the default writes a
-    PEFT LoRA through the family's diffusers pipeline class
-    (``pytorch_lora_weights.safetensors``, alpha in the metadata).
+    Fires for every checkpoint, for the final export and for the EMA export. *firstresult*: the
+    default is ``adapter.save(output_dir)``: a PEFT LoRA through the family's diffusers pipeline
+    class (``pytorch_lora_weights.safetensors``, alpha in the metadata), a LyCORIS network in its
+    own format plus ``lycoris_config.json``, or a full diffusers ``transformer/`` folder.
 
     :param family: the model family instance.
     :param transformer: the trained transformer (unwrapped from accelerate).
+    :param adapter: what is trained (:class:`stune.adapters.Adapter`; ``kind`` is lora, lycoris or full).
     :param output_dir: the folder to write into (exists).
     :param config: the validated configuration.
     :returns: the files written.

@@ -22,15 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from stune import checkpoint, optim
 from stune._defaults import weight_dtype
-from stune.adapters import adapters_disabled, add_lora, load_lora_into, trainable_parameters
+from stune.adapters import ADAPTERS, adapter_kind, create_adapter
 from stune.data.loader import BatchLoader, BatchPlan
 from stune.data.prepare import fill_caches, plan_caches, scan
 from stune.distributed import Processes
-from stune.errors import UserError
+from stune.ema import EMA
+from stune.errors import ConfigError, UserError
 from stune.flow import noisy_inputs, resolution_shift, sample_sigmas
 from stune.metrics import MetricsLog
 from stune.session import Session
@@ -39,7 +41,7 @@ from stune.tracking import start_trackers
 from stune.validation import render, validation_prompts
 
 log = logging.getLogger("stune.train")
-ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+EMA_STATE = "ema_state.safetensors"
 _SHARDED_ENGINES = ("DEEPSPEED", "FSDP", "XLA", "MEGATRON_LM")
 
 
@@ -92,6 +94,12 @@ def train(session: Session) -> TrainResult:
 
     # -- data scan, model, caches ------------------------------------------------------------------
     report = scan(config, family, accelerator.num_processes)  # fails fast, before any weights are read
+    kind = adapter_kind(config)
+    if not ADAPTERS[kind].can_disable and any(d.dataset.is_regularisation for d in report.training):
+        raise ConfigError(
+            "Regularisation datasets train towards the base model's prediction, which needs an adapter to switch "
+            "off; use model_type=lora, or remove is_regularisation_data."
+        )
     prompts = validation_prompts(config)
     cache_plan = plan_caches(config, family, report, list(prompts.values()))
     missing_captions = len(cache_plan.missing_captions)
@@ -130,15 +138,31 @@ def train(session: Session) -> TrainResult:
 
     # -- adapter and features -------------------------------------------------------------------------
     transformer = components.transformer.to(device)
-    add_lora(transformer, family, config)
+    adapter = create_adapter(transformer, family, config, optim.trainable_dtype(config))
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     host.hook.route_tokens(family=family, transformer=transformer, config=config)
     transformer.train()
 
     # -- optimizer, schedule --------------------------------------------------------------------------
-    params = trainable_parameters(transformer)
+    params = adapter.parameters()
     optimizer = optim.build_optimizer(params, config)
+    ema = None
+    if config.use_ema:
+        ema_device = device if config.ema_device == "accelerator" else torch.device("cpu")
+        ema = EMA(params, config.ema_decay, config.ema_update_interval, ema_device)
+
+    def save_adapter(folder: Path) -> list[Path]:
+        folder.mkdir(parents=True, exist_ok=True)
+        files: list[Path] = host.hook.save_adapter(
+            family=family,
+            transformer=accelerator.unwrap_model(transformer),
+            adapter=adapter,
+            output_dir=folder,
+            config=config,
+        )
+        return files
+
     training_sets = [d.dataset for d in report.training]
     plan = BatchPlan(
         data.samples,
@@ -166,7 +190,9 @@ def train(session: Session) -> TrainResult:
 
     # -- resume -----------------------------------------------------------------------------------------
     if resume_from is not None and resumed is not None:
-        load_lora_into(accelerator.unwrap_model(transformer), family, resume_from / ADAPTER_FILE)
+        adapter.load(resume_from)
+        if ema is not None and (resume_from / EMA_STATE).is_file():
+            ema.load_state_dict(load_file(str(resume_from / EMA_STATE)))
         optimizer.load_state_dict(resumed["optimizer"])
         lr_scheduler.load_state_dict(resumed["lr_scheduler"])
         own = checkpoint.read_state(resume_from, checkpoint.rng_file(processes.rank))
@@ -183,9 +209,9 @@ def train(session: Session) -> TrainResult:
 
     def save_checkpoint() -> Path:
         def write(folder: Path) -> None:
-            host.hook.save_adapter(
-                family=family, transformer=accelerator.unwrap_model(transformer), output_dir=folder, config=config
-            )
+            save_adapter(folder)
+            if ema is not None:
+                save_file(ema.state_dict(), str(folder / EMA_STATE))
             checkpoint.write_state(
                 folder,
                 {
@@ -264,7 +290,7 @@ def train(session: Session) -> TrainResult:
         target = noise - latents
         if batch["is_regularisation"]:
             # Prior preservation: the target is what the base model (adapter off) predicts here.
-            with torch.no_grad(), adapters_disabled(accelerator.unwrap_model(transformer)), accelerator.autocast():
+            with torch.no_grad(), adapter.disabled(), accelerator.autocast():
                 target = family.predict(transformer, prepared).float()
         with accelerator.autocast():
             prediction = family.predict(transformer, prepared)
@@ -327,6 +353,8 @@ def train(session: Session) -> TrainResult:
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.global_step += 1
+            if ema is not None:
+                ema.update(state.global_step)
             # The loss of the whole step: averaged over accumulation and over processes.
             step_loss = float(accelerator.reduce(loss_sum, "mean")) / accumulation
             step_samples = samples_in_step
@@ -376,9 +404,10 @@ def train(session: Session) -> TrainResult:
     result.validation_images += validate()
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        result.adapter_files = host.hook.save_adapter(
-            family=family, transformer=accelerator.unwrap_model(transformer), output_dir=output_dir, config=config
-        )
+        result.adapter_files = save_adapter(output_dir)
+        if ema is not None:  # the EMA weights, in the same loadable format, beside the trained ones
+            with ema.applied():
+                result.adapter_files += save_adapter(output_dir / "ema")
         (output_dir / "plugins.json").write_text(json.dumps(host.listing(), indent=2))
         host.hook.on_train_end(state=state, output_dir=output_dir)
         trackers.finish()

@@ -53,6 +53,7 @@ class FluxFamily(ModelFamily):
     lora_preset_option = "flux_lora_target"
     default_lora_preset = "all"
     routable_blocks = ("transformer_blocks", "single_transformer_blocks")
+    lycoris_module_aliases: ClassVar[dict[str, tuple[str, ...]]] = {"Attention": ("FluxAttention",)}
     quantization_exclusions = (
         "*.norm",
         "*.norm1",
