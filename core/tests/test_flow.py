@@ -39,3 +39,24 @@ def test_noisy_inputs_interpolate() -> None:
     noise = torch.zeros(2, 1, 2, 2)
     out = noisy_inputs(x, noise, torch.tensor([0.0, 0.75]))
     assert torch.allclose(out[0], x[0]) and torch.allclose(out[1], torch.full_like(x[1], 0.25))
+
+
+def test_uniform_and_beta_schedules() -> None:
+    gen = torch.Generator().manual_seed(0)
+    cpu = torch.device("cpu")
+    uniform = sample_sigmas(20000, sigmoid_scale=1.0, shift=1.0, generator=gen, device=cpu, distribution="uniform")
+    assert uniform.mean().item() == pytest.approx(0.5, abs=0.01)
+    assert (uniform < 0.1).float().mean().item() == pytest.approx(0.1, abs=0.01)  # flat, unlike logit-normal
+    beta = sample_sigmas(
+        20000, sigmoid_scale=1.0, shift=1.0, generator=gen, device=cpu, distribution="beta", beta=(2.0, 6.0)
+    )
+    assert beta.mean().item() == pytest.approx(2 / 8, abs=0.01)  # mean of Beta(2, 6)
+    again = sample_sigmas(
+        5, sigmoid_scale=1.0, shift=1.0, generator=torch.Generator().manual_seed(3), device=cpu, distribution="beta"
+    )
+    assert torch.equal(
+        again,
+        sample_sigmas(
+            5, sigmoid_scale=1.0, shift=1.0, generator=torch.Generator().manual_seed(3), device=cpu, distribution="beta"
+        ),
+    )

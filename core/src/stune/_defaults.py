@@ -24,6 +24,8 @@ def weight_dtype(config: CoreOptions) -> torch.dtype:
     """dtype of frozen base weights: bf16/fp16 under mixed precision, else fp32."""
     import torch
 
+    if config.base_model_default_dtype is not None:
+        return torch.bfloat16 if config.base_model_default_dtype == "bf16" else torch.float32
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
 
 

@@ -168,6 +168,10 @@ class ModelFamily:
         )
 
     # -- training ---------------------------------------------------------------------------------
+    def training_sigmas(self, batch_size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor | None:
+        """σ for a batch when the family has its own schedule (e.g. FLUX schnell's), else None."""
+        return None
+
     def predict(self, transformer: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """Run the transformer on ``batch["noisy_latents"]`` (B, C, h, w) at ``batch["sigmas"]`` (B,)
         with the batched caption tensors in ``batch["embeds"]``; return the velocity prediction in

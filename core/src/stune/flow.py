@@ -27,10 +27,29 @@ def resolution_shift(seq_len: int, base_seq_len: int, max_seq_len: int, base_shi
 
 
 def sample_sigmas(
-    batch_size: int, *, sigmoid_scale: float, shift: float, generator: torch.Generator, device: torch.device
+    batch_size: int,
+    *,
+    sigmoid_scale: float,
+    shift: float,
+    generator: torch.Generator,
+    device: torch.device,
+    distribution: str = "logit-normal",
+    beta: tuple[float, float] = (2.0, 2.0),
 ) -> torch.Tensor:
-    normal = torch.randn(batch_size, generator=generator, device=device)
-    return shift_sigmas(torch.sigmoid(sigmoid_scale * normal), shift)
+    """σ per sample from ``distribution`` (logit-normal, uniform or beta), then shifted."""
+    if distribution == "uniform":
+        sigmas = torch.rand(batch_size, generator=generator, device=device)
+    elif distribution == "beta":
+        # torch's Beta sampler takes no generator: seed a forked global stream from ours, so the
+        # draw is still reproducible and resumable.
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            sigmas = torch.distributions.Beta(*beta).sample((batch_size,)).to(device)
+    else:
+        normal = torch.randn(batch_size, generator=generator, device=device)
+        sigmas = torch.sigmoid(sigmoid_scale * normal)
+    return shift_sigmas(sigmas, shift)
 
 
 def noisy_inputs(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:

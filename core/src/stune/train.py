@@ -34,6 +34,7 @@ from stune.distributed import Processes
 from stune.ema import EMA
 from stune.errors import ConfigError, UserError
 from stune.flow import noisy_inputs, resolution_shift, sample_sigmas
+from stune.memory import enable_gradient_checkpointing
 from stune.metrics import MetricsLog
 from stune.session import Session
 from stune.state import TrainState
@@ -140,7 +141,7 @@ def train(session: Session) -> TrainResult:
     transformer = components.transformer.to(device)
     adapter = create_adapter(transformer, family, config, optim.trainable_dtype(config))
     if config.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+        enable_gradient_checkpointing(transformer, config.gradient_checkpointing_interval)
     host.hook.route_tokens(family=family, transformer=transformer, config=config)
     transformer.train()
 
@@ -254,6 +255,9 @@ def train(session: Session) -> TrainResult:
         return images
 
     shift_parameters = family.shift_parameters(components)
+    sigma_distribution = (
+        "uniform" if config.flow_use_uniform_schedule else "beta" if config.flow_use_beta_schedule else "logit-normal"
+    )
     dtype = weight_dtype(config)
 
     def micro_step_loss(batch: dict[str, Any]) -> torch.Tensor:
@@ -266,13 +270,17 @@ def train(session: Session) -> TrainResult:
             shift = resolution_shift(seq_len, *shift_parameters)
         else:
             shift = config.flow_schedule_shift
-        sigmas = sample_sigmas(
-            latents.shape[0],
-            sigmoid_scale=config.flow_sigmoid_scale,
-            shift=shift,
-            generator=noise_generator,
-            device=device,
-        )
+        sigmas = family.training_sigmas(latents.shape[0], noise_generator, device)
+        if sigmas is None:
+            sigmas = sample_sigmas(
+                latents.shape[0],
+                sigmoid_scale=config.flow_sigmoid_scale,
+                shift=shift,
+                generator=noise_generator,
+                device=device,
+                distribution=sigma_distribution,
+                beta=(config.flow_beta_schedule_alpha, config.flow_beta_schedule_beta),
+            )
         embeds = {
             k: v.to(device, dtype if v.is_floating_point() else v.dtype, non_blocking=True)
             for k, v in batch["embeds"].items()
@@ -283,6 +291,7 @@ def train(session: Session) -> TrainResult:
             "noise": noise,
             "sigmas": sigmas,
             "noisy_latents": noisy_inputs(latents, noise, sigmas).to(dtype),
+            "generator": noise_generator,  # for per-sample randomness inside predict (e.g. guidance)
             "embeds": embeds,
         }
         if "loss_weight" in batch:

@@ -13,9 +13,17 @@ class FlowOptions(Options):
         False, description="Resolution-dependent shift from the scheduler's base/max shift (replaces the static one)."
     )
     flow_sigmoid_scale: float = Field(1.0, gt=0, description="σ = sigmoid(scale·N(0,1)) before the shift.")
+    flow_use_uniform_schedule: bool = Field(False, description="σ ~ U(0, 1) (then shifted) instead of logit-normal.")
+    flow_use_beta_schedule: bool = Field(
+        False, description="σ ~ Beta(alpha, beta) (then shifted) instead of logit-normal."
+    )
+    flow_beta_schedule_alpha: float = Field(2.0, gt=0, description="alpha of the Beta schedule.")
+    flow_beta_schedule_beta: float = Field(2.0, gt=0, description="beta of the Beta schedule.")
 
     @model_validator(mode="after")
     def _shift(self) -> FlowOptions:
+        if self.flow_use_uniform_schedule and self.flow_use_beta_schedule:
+            raise ValueError("`flow_use_uniform_schedule` and `flow_use_beta_schedule` exclude each other; keep one")
         if (
             self.flow_schedule_auto_shift
             and "flow_schedule_shift" in self.model_fields_set

@@ -27,6 +27,12 @@ class ModelOptions(Options):
         "bf16", description="Precision of the frozen base weights and autocast; adapters stay fp32."
     )
     gradient_checkpointing: bool = Field(True, description="Recompute block activations in backward to save memory.")
+    gradient_checkpointing_interval: int | None = Field(
+        None, ge=1, description="Checkpoint only every N-th block (faster, more memory); default every block."
+    )
+    base_model_default_dtype: Literal["bf16", "fp32"] | None = Field(
+        None, description="dtype of the frozen base weights; default: bf16 under bf16 mixed precision, else fp32."
+    )
 
     @model_validator(mode="after")
     def _subfolder_none(self) -> ModelOptions:

@@ -80,6 +80,8 @@ class FluxFamily(ModelFamily):
             cfg.tokenizer_max_length = self.max_t5_tokens.get(self.flavour or "", 512)
         if self.flavour == "libreflux" and "flux_attention_masked_training" not in cfg.model_fields_set:
             cfg.flux_attention_masked_training = True  # type: ignore[attr-defined]
+        if self.flavour == "schnell" and "flux_fast_schedule" not in cfg.model_fields_set:
+            cfg.flux_fast_schedule = True  # type: ignore[attr-defined]  # schnell was distilled on it
 
     def check_config(self) -> None:
         super().check_config()
@@ -185,6 +187,17 @@ class FluxFamily(ModelFamily):
         return {"mean": ((dist.mean - shift) * scale).float(), "std": (dist.std * scale).float()}
 
     # -- forward ---------------------------------------------------------------------------------------
+    #: schnell's training schedule: σ = 1 seven times in ten, else 0.75, 0.5 or 0.25 (never shifted)
+    fast_schedule_sigmas: ClassVar[tuple[float, ...]] = (1.0,) * 7 + (0.75, 0.5, 0.25)
+
+    def training_sigmas(self, batch_size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor | None:
+        import torch
+
+        if not self.config.flux_fast_schedule:  # type: ignore[attr-defined]
+            return None
+        table = torch.tensor(self.fast_schedule_sigmas, device=device)
+        return table[torch.randint(len(table), (batch_size,), generator=generator, device=device)]
+
     def predict(self, transformer: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         import torch
         from diffusers import FluxPipeline
@@ -199,7 +212,13 @@ class FluxFamily(ModelFamily):
         txt_ids = torch.zeros(text.shape[1], 3, device=latents.device, dtype=latents.dtype)
         guidance = None
         if config.guidance_embeds:
-            guidance = torch.full((b,), self.config.flux_guidance_value, device=latents.device)  # type: ignore[attr-defined]
+            cfg: Any = self.config
+            if cfg.flux_guidance_mode == "random-range":
+                low, high = cfg.flux_guidance_min, cfg.flux_guidance_max
+                draw = torch.rand(b, generator=batch.get("generator"), device=latents.device)
+                guidance = low + (high - low) * draw
+            else:
+                guidance = torch.full((b,), cfg.flux_guidance_value, device=latents.device)
         attention = None
         if self.config.flux_attention_masked_training:  # type: ignore[attr-defined]
             # Text padding is masked out; every image token is attended to.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import model_validator
+
 from stune.options import Field, Options
 
 LORA_TARGETS = ("all", "context", "context+ffs", "all+ffs", "all+ffs+embedder", "ai-toolkit", "tiny", "nano")
@@ -16,9 +18,24 @@ class FluxOptions(Options):
     flux_guidance_value: float = Field(
         1.0, ge=0, description="Guidance embedding value while training (1.0 keeps dev's distillation)."
     )
+    flux_guidance_mode: Literal["constant", "random-range"] = Field(
+        "constant",
+        description="constant: flux_guidance_value; random-range: U(flux_guidance_min, flux_guidance_max) per sample.",
+    )
+    flux_guidance_min: float = Field(0.0, ge=0, description="Lower bound of random-range guidance.")
+    flux_guidance_max: float = Field(4.0, ge=0, description="Upper bound of random-range guidance.")
+    flux_fast_schedule: bool = Field(
+        False, description="schnell's schedule: σ drawn from [1.0 ×7, 0.75, 0.5, 0.25], no shift (on for schnell)."
+    )
     flux_attention_masked_training: bool = Field(
         False, description="Mask T5 padding tokens in attention while training (LibreFlux needs it)."
     )
     t5_padding: Literal["unmodified", "zero"] = Field(
         "unmodified", description="zero: set the T5 embeddings of padding tokens to 0."
     )
+
+    @model_validator(mode="after")
+    def _guidance_range(self) -> FluxOptions:
+        if self.flux_guidance_mode == "random-range" and self.flux_guidance_min > self.flux_guidance_max:
+            raise ValueError("`flux_guidance_min` is above flux_guidance_max; swap them")
+        return self
