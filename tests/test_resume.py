@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -147,3 +148,34 @@ def test_sigkill_while_caching_leaves_no_corrupt_entry(tmp_path: Path, tiny_flux
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "caches: 0 latents and 4 captions to encode" in resumed.stderr  # 4 captions + "" minus the one kept
     assert not list((run / "cache").rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_exits_cleanly(
+    signum: signal.Signals, tmp_path: Path, tiny_flux_dir: Path
+) -> None:
+    run = _run_folder(tmp_path, tiny_flux_dir, checkpoint_step_interval=100)
+    proc = _start(run, {"STUNE_TEST_STEP_SLEEP": "0.2"})
+    _wait_for(lambda: (run / "output" / "metrics.jsonl").is_file() and len(_steps(run)) >= 3, proc)
+    proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, out[-3000:]
+    assert "Traceback" not in out
+    assert "stopped by signal" in out
+    stopped_at = max(_steps(run))
+    assert (run / "output" / f"checkpoint-{stopped_at}" / "checkpoint_complete.json").is_file()
+    assert not (run / "output" / "pytorch_lora_weights.safetensors").exists()  # not finished: no final export
+    resumed = run_cli(["--plugin", "flux"], cwd=run)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from output/checkpoint-{stopped_at} at step {stopped_at}" in resumed.stderr
+    assert _steps(run) == list(range(1, 25))
+
+
+def test_non_finite_loss_stops_naming_the_step_and_files(tmp_path: Path, tiny_flux_dir: Path) -> None:
+    run = _run_folder(tmp_path, tiny_flux_dir, learning_rate="1e30", max_train_steps=50, checkpoint_step_interval=1)
+    proc = run_cli(["--plugin", "flux"], cwd=run)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert re.search(r"loss became (nan|inf) at step \d+ \(batch: .*image_\d+\.png", message), message
+    assert "Traceback" not in proc.stderr
+    assert list((run / "output").glob("checkpoint-*"))  # the last good checkpoints stay

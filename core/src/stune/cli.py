@@ -73,7 +73,14 @@ def cmd_train(argv: Sequence[str]) -> int:
     _setup_logging()
     from stune.train import train
 
-    train(session)
+    result = train(session)
+    if result.interrupted is not None:
+        print(
+            f"st-train: stopped by signal {result.interrupted} at step {result.final_step}; the checkpoint is saved, "
+            "run the same command to resume.",
+            file=sys.stderr,
+        )
+        return 128 + result.interrupted
     return 0
 
 

@@ -37,6 +37,7 @@ from stune.flow import noisy_inputs, resolution_shift, sample_sigmas
 from stune.memory import enable_gradient_checkpointing
 from stune.metrics import MetricsLog
 from stune.session import Session
+from stune.signals import StopRequest
 from stune.state import TrainState
 from stune.tracking import start_trackers
 from stune.validation import render, validation_prompts
@@ -55,6 +56,7 @@ class TrainResult:
     validation_images: list[Path] = field(default_factory=list)
     encoded_latents: int = 0
     encoded_captions: int = 0
+    interrupted: int | None = None  # the signal that stopped the run early (a checkpoint was saved)
 
 
 class NonFiniteLoss(UserError):
@@ -333,6 +335,9 @@ def train(session: Session) -> TrainResult:
         disable=not accelerator.is_main_process or bool(os.environ.get("TQDM_DISABLE")),
         mininterval=0.1 if sys.stderr.isatty() else 5.0,  # a log file gets a line every few seconds
     )
+    stop = StopRequest()
+    stop_handlers = contextlib.ExitStack()
+    stop_handlers.enter_context(stop.installed())
     micro = samples_in_step = 0
     loss_sum = torch.zeros((), device=device)
     last_batch_paths: list[str] = []
@@ -399,6 +404,11 @@ def train(session: Session) -> TrainResult:
                 result.validation_images += validate()
             if at_end:
                 break
+            stopped = stop.agreed(accelerator)
+            if stopped is not None:
+                result.checkpoints.append(save_checkpoint())
+                result.interrupted = stopped
+                break
             step_started = time.perf_counter()  # time spent saving/validating is not step time
         else:
             state.epoch += 1
@@ -406,6 +416,13 @@ def train(session: Session) -> TrainResult:
             continue
         break
     progress.close()
+    stop_handlers.close()
+    if result.interrupted is not None:
+        trackers.finish()
+        if metrics is not None:
+            metrics.close()
+        result.final_step = state.global_step
+        return result
 
     # -- export ---------------------------------------------------------------------------------------
     if config.checkpoint_step_interval:
