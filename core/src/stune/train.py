@@ -182,11 +182,15 @@ def train(session: Session) -> TrainResult:
         raise UserError("Nothing to train: set max_train_steps or num_train_epochs above 0.")
     lr_scheduler = optim.build_lr_scheduler(optimizer, config, max_steps)
     clip = optim.clips_gradients(config)
-    transformer = accelerator.prepare(transformer)
-    # accelerate's optimizer wrapper is needed only to unscale fp16 gradients or for sharded
-    # engines; otherwise it costs ~0.5 ms per step (it probes installed packages on every step).
-    if config.mixed_precision == "fp16" or accelerator.distributed_type.value in _SHARDED_ENGINES:
-        optimizer = accelerator.prepare(optimizer)
+    if accelerator.distributed_type.value in _SHARDED_ENGINES:
+        # DeepSpeed/FSDP build their engine from the model and the optimizer together.
+        transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    else:
+        transformer = accelerator.prepare(transformer)
+        # accelerate's optimizer wrapper is needed only to unscale fp16 gradients; otherwise it
+        # costs ~0.5 ms per step (it probes installed packages on every step).
+        if config.mixed_precision == "fp16":
+            optimizer = accelerator.prepare(optimizer)
     # Each process draws its own noise and σ (identical noise on every process would waste the batch).
     noise_generator = torch.Generator(device=device).manual_seed(seed + 7919 * processes.rank)
     state = TrainState(max_train_steps=max_steps, output_dir=output_dir, is_main_process=accelerator.is_main_process)
