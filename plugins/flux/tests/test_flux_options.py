@@ -95,3 +95,11 @@ def test_grad_clip_by_norm_reports_the_norm(
     monkeypatch.chdir(run)
     train(prepare(host=PluginHost.build(["flux"])))
     assert all(r["grad_norm"] > 1e-6 for r in _metrics(run))  # the pre-clipping norm is logged
+
+
+def test_fp16_mixed_precision_trains(tmp_path: Path, tiny_flux_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = flux_run(tmp_path, tiny_flux_dir, mixed_precision="fp16")
+    monkeypatch.chdir(run)
+    assert train(prepare(host=PluginHost.build(["flux"]))).final_step == 2
+    weights = load_file(str(run / "output" / "pytorch_lora_weights.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
