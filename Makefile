@@ -26,7 +26,7 @@ $(INSTALLED): $(PY) core/pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
 	else \
 		$(PIP) install -q "torch==2.13.0" || $(PIP) install -q torch --index-url https://download.pytorch.org/whl/cpu; \
 	fi
-	$(PIP) install -q -e 'core[parquet]' $(addprefix -e ,$(PLUGINS))
+	$(PIP) install -q -e 'core[parquet,trackers]' $(addprefix -e ,$(PLUGINS))
 	@touch $@
 
 $(TEST_TOOLS): $(INSTALLED)
@@ -51,6 +51,7 @@ test: lint typecheck pytest
 bench: $(INSTALLED)
 	$(PY) bench/step_overhead.py
 	$(PY) bench/data_pipeline.py
+	$(PY) bench/optimizers.py
 
 clean:
 	rm -rf $(VENV) demo

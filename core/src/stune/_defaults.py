@@ -32,6 +32,9 @@ def weight_dtype(config: CoreOptions) -> torch.dtype:
 @hookimpl(trylast=True)
 def check_config(config: CoreOptions) -> None:
     """Checks of the machine the options need (imports torch only for the options that need it)."""
+    from stune.optim import check_optimizer
+
+    check_optimizer(config)
     if config.model_type == "lora" and config.lora_type == "standard" and config.lora_init_type == "loftq":
         import importlib.util
 
