@@ -92,15 +92,16 @@ def test_two_processes_train_once_and_split_caching(launcher: str, tmp_path: Pat
     proc = _launch(launcher, run)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     log = proc.stdout + proc.stderr
-    shares = re.search(r"caches filled: 8 latents and 9 captions encoded \(per process: (.*)\)", log)
+    shares = re.search(r"caches filled: 8 latents and 10 captions encoded \(per process: (.*)\)", log)
     assert shares, log[-3000:]
-    assert eval(shares.group(1)) == [(4, 5), (4, 4)]  # each image and caption encoded once, split
+    assert eval(shares.group(1)) == [(4, 5), (4, 5)]  # each image and caption (+ "", negative) once, split
     assert "4 batches per epoch" in log  # 8 samples, batch 1, two processes
     out = run / "output"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # written once, by the main process
     assert all(r["samples_per_second"] > 0 for r in records)
     assert sorted(p.name for p in (out / "validation_images").iterdir()) == [
+        "base-validation-64x64.png",
         "step-000003-validation-64x64.png",
         "step-000006-validation-64x64.png",
     ]

@@ -153,6 +153,7 @@ def toy_run(folder: Path, model: Path, **options: Any) -> Path:
         "validation_resolution": "32x32",
         "validation_num_inference_steps": 2,
         "validation_step_interval": 1,
+        "disable_benchmark": True,
         **options,
     }
     datasets = [

@@ -22,9 +22,11 @@ from stune.options import Options, option_names
 from stune.opts.adapter import AdapterOptions
 from stune.opts.data import DataOptions
 from stune.opts.ema import EMAOptions
+from stune.opts.evaluation import EvaluationOptions
 from stune.opts.flow import FlowOptions
 from stune.opts.model import ModelOptions
 from stune.opts.optim import OptimizerOptions
+from stune.opts.publish import PublishOptions
 from stune.opts.tracking import TrackingOptions
 from stune.opts.training import TrainingOptions
 from stune.opts.validation import ValidationOptions
@@ -44,8 +46,10 @@ class CoreOptions(
     OptimizerOptions,
     FlowOptions,
     ValidationOptions,
+    EvaluationOptions,
     TrackingOptions,
     EMAOptions,
+    PublishOptions,
 ):
     """Options every run has, whatever the model family (one mixin per area, in ``stune.opts``)."""
 

@@ -17,6 +17,8 @@ from stune.errors import ConfigError
 from stune.family import ModelFamily
 from stune.features import TrainingFeature
 from stune.plugins import PluginHost
+from stune.publish import check_publish
+from stune.tracking import check_trackers
 
 
 @dataclass
@@ -49,6 +51,8 @@ def prepare(
     family.apply_defaults()
     family.check_config()
     _check_precisions(config, host)
+    check_trackers(config)
+    check_publish(config)
     features = [f for f in host.features.values() if f.enabled(config)]
     for feature in features:
         missing = feature.missing_requirements(family_cls)

@@ -33,14 +33,23 @@ from stune.data.prepare import fill_caches, plan_caches, scan
 from stune.distributed import Processes
 from stune.ema import EMA
 from stune.errors import ConfigError, UserError
+from stune.evaluation import make_evaluator
 from stune.flow import noisy_inputs, resolution_shift, sample_sigmas
 from stune.memory import enable_gradient_checkpointing
 from stune.metrics import MetricsLog
+from stune.publish import finish_run
 from stune.session import Session
 from stune.signals import StopRequest
 from stune.state import TrainState
 from stune.tracking import start_trackers
-from stune.validation import render, validation_prompts
+from stune.validation import (
+    BASE_PREFIX,
+    benchmark_needed,
+    render,
+    rendered_prompts,
+    step_prefix,
+    validation_prompts,
+)
 
 log = logging.getLogger("stune.train")
 EMA_STATE = "ema_state.safetensors"
@@ -240,20 +249,22 @@ def train(session: Session) -> TrainResult:
         host.hook.on_checkpoint_saved(state=state, path=path)
         return path
 
-    def validate() -> list[Path]:
-        if not prompts or not accelerator.is_main_process:
+    def validate(prefix: str | None = None) -> list[Path]:
+        """Render the validation prompts now (``prefix``: file-name prefix instead of the step's)."""
+        if not accelerator.is_main_process or not rendered_prompts(config):
             return []
         if components.vae is not None:
             components.vae.to(device)
-        images = render(
-            family,
-            components,
-            accelerator.unwrap_model(transformer),
-            config,
-            data.text_cache,
-            state.global_step,
-            output_dir,
-        )
+
+        def draw(name: str | None) -> list[Path]:
+            model = accelerator.unwrap_model(transformer)
+            return render(family, components, model, config, data.text_cache, state.global_step, output_dir, name)
+
+        with_ema = ema is not None and config.ema_validation != "none" and prefix != BASE_PREFIX
+        images = [] if with_ema and config.ema_validation == "ema_only" else draw(prefix)
+        if with_ema and ema is not None:
+            with ema.applied():  # the EMA weights' images, named <step>-ema-…
+                images += draw(f"{prefix or step_prefix(state.global_step)}-ema")
         if components.vae is not None and device.type != "cpu":
             components.vae.to("cpu")
         trackers.log_images(images, state.global_step)
@@ -331,6 +342,25 @@ def train(session: Session) -> TrainResult:
     )
     trackers = start_trackers(config, accelerator, output_dir)
     host.hook.on_train_start(state=state, config=config)
+    if accelerator.is_main_process and benchmark_needed(config, output_dir):
+        # Base-model images to compare the trained ones with: the adapter switched off (a full
+        # fine-tune holds the base weights only before its first step).
+        if ADAPTERS[kind].can_disable:
+            with adapter.disabled():
+                result.validation_images += validate(BASE_PREFIX)
+        elif state.global_step == 0:
+            result.validation_images += validate(BASE_PREFIX)
+    # Every process builds it (a bad eval_dataset_id stops them all); only the main one evaluates.
+    evaluator = make_evaluator(family, components, config, data.eval_samples, data.text_cache, device)
+
+    def evaluate() -> None:
+        if evaluator is None or metrics is None:
+            return
+        outcome = evaluator.evaluate(accelerator.unwrap_model(transformer), state.global_step, accelerator.autocast)
+        log.info("eval loss at step %d: %.6f", outcome.step, outcome.loss)
+        metrics.write(outcome.record())
+        trackers.log(outcome.record(), state.global_step)
+
     progress = tqdm(
         total=max_steps,
         initial=state.global_step,
@@ -406,6 +436,9 @@ def train(session: Session) -> TrainResult:
             v_interval = config.validation_step_interval
             if v_interval and state.global_step % v_interval == 0 and not at_end:
                 result.validation_images += validate()
+            e_interval = config.eval_steps_interval
+            if e_interval and state.global_step % e_interval == 0 and not at_end:
+                evaluate()
             if at_end:
                 break
             stopped = stop.agreed(accelerator)
@@ -432,6 +465,7 @@ def train(session: Session) -> TrainResult:
     if config.checkpoint_step_interval:
         result.checkpoints.append(save_checkpoint())
     result.validation_images += validate()
+    evaluate()
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         result.adapter_files = save_adapter(output_dir)
@@ -445,5 +479,6 @@ def train(session: Session) -> TrainResult:
             metrics.close()
     accelerator.wait_for_everyone()
     result.final_step = state.global_step
+    finish_run(config, family, output_dir, result, accelerator.is_main_process)  # model card, Hub push
     log.info("done: %d steps; adapter in %s", state.global_step, output_dir)
     return result

@@ -1,15 +1,26 @@
-"""Validation images: render the configured prompts with the adapter active and save them."""
+"""Validation images: render the configured prompts with the adapter active and save them.
+
+Prompts come from ``validation_prompt`` (nickname ``validation``) and the ``user_prompt_library``
+file (nickname → prompt). Every prompt is encoded into the text cache at start-up, before the
+text encoders are dropped, so rendering needs only the transformer and the VAE. Each prompt is
+rendered at every ``validation_resolution``, ``num_validation_images`` times (image *i* with
+seed ``validation_seed + i``, so the same seed gives the same starting noise at every step), into
+``output_dir/validation_images/step-<step>-<nickname>-<W>x<H>[-<i>].png``. Base-model images
+(adapter off, before training) are named ``base-<nickname>-<W>x<H>[-<i>].png``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from stune.family import ValidationRequest
+from stune.opts.validation import MAIN_NICKNAME, file_slug, load_prompt_library
 
 if TYPE_CHECKING:
     from stune.config import CoreOptions
@@ -18,17 +29,74 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("stune.validation")
 
+FOLDER = "validation_images"
+BASE_PREFIX = "base"
+#: key of the negative prompt in :func:`validation_prompts` (cached, never rendered by itself)
+NEGATIVE_KEY = "(negative prompt)"
 
-def validation_prompts(config: CoreOptions) -> dict[str, str]:
-    """Nickname → prompt for every validation prompt."""
+
+def rendered_prompts(config: CoreOptions) -> dict[str, str]:
+    """Nickname → prompt of every prompt a validation renders (none when validation is disabled)."""
+    if config.validation_disable:
+        return {}
     prompts: dict[str, str] = {}
     if config.validation_prompt:
-        prompts["validation"] = config.validation_prompt
+        prompts[MAIN_NICKNAME] = config.validation_prompt
+    if config.user_prompt_library:
+        prompts.update(load_prompt_library(config.user_prompt_library))
     return prompts
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:60] or "prompt"
+def validation_prompts(config: CoreOptions) -> dict[str, str]:
+    """Every prompt validation needs from the text cache: the rendered ones and, under
+    :data:`NEGATIVE_KEY`, the negative prompt. All are encoded before the text encoders go."""
+    prompts = rendered_prompts(config)
+    if prompts:
+        prompts[NEGATIVE_KEY] = config.validation_negative_prompt
+    return prompts
+
+
+def validation_seed(config: CoreOptions) -> int:
+    return config.validation_seed if config.validation_seed is not None else (config.seed or 0)
+
+
+def image_name(prefix: str, nickname: str, width: int, height: int, index: int, count: int) -> str:
+    suffix = f"-{index}" if count > 1 else ""
+    return f"{prefix}-{file_slug(nickname)}-{width}x{height}{suffix}.png"
+
+
+def step_prefix(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def image_paths(config: CoreOptions, output_dir: Path, prefix: str) -> list[Path]:
+    """The files one validation writes, in rendering order (prompt, resolution, image)."""
+    folder = output_dir / FOLDER
+    count = config.num_validation_images
+    return [
+        folder / image_name(prefix, nickname, width, height, i, count)
+        for nickname in rendered_prompts(config)
+        for width, height in config.validation_sizes
+        for i in range(count)
+    ]
+
+
+def benchmark_needed(config: CoreOptions, output_dir: Path) -> bool:
+    """Whether base-model images are still to be rendered: asked for, and not all there yet
+    (a resumed run keeps the ones its first start rendered)."""
+    if config.disable_benchmark:
+        return False
+    paths = image_paths(config, output_dir, BASE_PREFIX)
+    return bool(paths) and not all(p.is_file() for p in paths)
+
+
+@contextlib.contextmanager
+def preserved_rng(device: torch.device) -> Iterator[None]:
+    """Leave the global random state as it was: validation and evaluation must not change what
+    training draws next (a run with validation trains exactly like one without)."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
 
 
 def render(
@@ -39,38 +107,48 @@ def render(
     text_cache: TextEmbedCache,
     step: int,
     output_dir: Path,
+    prefix: str | None = None,
 ) -> list[Path]:
-    """Render every (prompt, resolution) pair; return the written files."""
-    prompts = validation_prompts(config)
+    """Render every (prompt, resolution, image) and save it; return the written files.
+
+    ``prefix`` replaces ``step-<step>`` at the start of the file names (``base`` for the base model).
+    """
+    prompts = rendered_prompts(config)
     if not prompts:
         return []
-    seed = config.validation_seed if config.validation_seed is not None else (config.seed or 0)
+    prefix = prefix or step_prefix(step)
+    seed = validation_seed(config)
+    negative = text_cache.load(config.validation_negative_prompt)
+    count = config.num_validation_images
     requests = [
         ValidationRequest(
-            name=name,
+            name=nickname,
             prompt=prompt,
             embeds=text_cache.load(prompt),
-            negative_embeds=text_cache.load(""),
+            negative_embeds=negative,
             width=width,
             height=height,
-            seed=seed,
+            seed=seed + i,
         )
-        for name, prompt in prompts.items()
+        for nickname, prompt in prompts.items()
         for width, height in config.validation_sizes
+        for i in range(count)
     ]
+    paths = image_paths(config, output_dir, prefix)
+    device = next(transformer.parameters()).device
     was_training = transformer.training
-    transformer.eval()
+    transformer.eval()  # no dropout: the same seed gives the same image for the same weights
     try:
-        with torch.no_grad():
+        with torch.no_grad(), preserved_rng(device):
             images = family.render_validation(components, transformer, requests)
     finally:
         transformer.train(was_training)
-    folder = output_dir / "validation_images"
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for request, image in zip(requests, images, strict=True):
-        path = folder / f"step-{step:06d}-{_slug(request.name)}-{request.width}x{request.height}.png"
+    if len(images) != len(requests):
+        raise RuntimeError(
+            f"{family.name}.render_validation returned {len(images)} images for {len(requests)} requests"
+        )
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    for path, image in zip(paths, images, strict=True):
         image.save(path)
-        written.append(path)
-    log.info("validation images for step %d: %s", step, ", ".join(p.name for p in written))
-    return written
+    log.info("validation images (%s): %s", prefix, ", ".join(p.name for p in paths))
+    return paths

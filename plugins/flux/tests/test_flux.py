@@ -83,6 +83,7 @@ def test_cli_trains_a_lora_that_loads_in_diffusers(tmp_path: Path, tiny_flux_dir
     lora = out / "pytorch_lora_weights.safetensors"
     assert lora.is_file()
     assert sorted(p.name for p in (out / "validation_images").iterdir()) == [
+        "base-validation-64x64.png",  # the base model, before training (disable_benchmark=false)
         "step-000003-validation-64x64.png",
         "step-000006-validation-64x64.png",
     ]

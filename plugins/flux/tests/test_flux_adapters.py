@@ -275,3 +275,28 @@ def test_ema_resume_is_exact(tmp_path: Path, tiny_flux_dir: Path, monkeypatch: p
         a = load_file(str(whole / "output" / f"{part}pytorch_lora_weights.safetensors"))
         b = load_file(str(split / "output" / f"{part}pytorch_lora_weights.safetensors"))
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), part
+
+
+@pytest.mark.parametrize(
+    "mode,expected",
+    [
+        ("comparison", {"step-000002-validation-64x64.png", "step-000002-ema-validation-64x64.png"}),
+        ("ema_only", {"step-000002-ema-validation-64x64.png"}),
+        ("none", {"step-000002-validation-64x64.png"}),
+    ],
+)
+def test_ema_validation_modes(
+    mode: str, expected: set[str], tmp_path: Path, tiny_flux_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = flux_run(
+        tmp_path,
+        tiny_flux_dir,
+        use_ema="true",
+        ema_validation=mode,
+        validation_prompt="a picture number 1",
+        validation_resolution="64x64",
+        validation_num_inference_steps=2,
+        disable_benchmark="true",
+    )
+    run_in(run, monkeypatch)
+    assert {p.name for p in (run / "output" / "validation_images").iterdir()} == expected

@@ -259,9 +259,13 @@ class FluxFamily(ModelFamily):
     def render_validation(
         self, components: Components, transformer: torch.nn.Module, requests: list[ValidationRequest]
     ) -> list[Image.Image]:
+        """FluxPipeline on the cached embeddings. ``validation_guidance`` is the distilled guidance
+        value; ``validation_guidance_real`` > 1 adds true CFG with the negative prompt, skipped for
+        the first ``validation_no_cfg_until_timestep`` steps (as SimpleTuner's pipeline does)."""
         import torch
         from diffusers import FluxPipeline
 
+        cfg: Any = self.config
         pipe = FluxPipeline(
             scheduler=components.scheduler,
             vae=components.vae,
@@ -274,20 +278,57 @@ class FluxFamily(ModelFamily):
         pipe.set_progress_bar_config(disable=True)
         device = next(transformer.parameters()).device
         dtype = components.vae.dtype
+        true_cfg = cfg.validation_guidance_real > 1.0
+        no_cfg_steps = cfg.validation_no_cfg_until_timestep if true_cfg else 0
+
+        # diffusers' true-CFG loop calls the transformer twice per step, prompt then negative. For
+        # the first steps the negative call hands back the prompt's prediction (not computed
+        # again), so neg + s·(pos − neg) is the plain prediction there.
+        calls, last = 0, None
+        original_forward = transformer.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls, last
+            step, negative = divmod(calls, 2)
+            calls += 1
+            if negative and step < no_cfg_steps:
+                return last
+            last = original_forward(*args, **kwargs)
+            return last
+
         images = []
         for request in requests:
-            images.append(
-                pipe(
+            extra: dict[str, Any] = {}
+            if true_cfg and request.negative_embeds is not None:
+                extra = {
+                    "true_cfg_scale": cfg.validation_guidance_real,
+                    "negative_prompt_embeds": request.negative_embeds["prompt_embeds"][None].to(device, dtype),
+                    "negative_pooled_prompt_embeds": request.negative_embeds["pooled_prompt_embeds"][None].to(
+                        device, dtype
+                    ),
+                }
+            calls, last = 0, None
+            own_forward = "forward" in vars(transformer)
+            if extra and no_cfg_steps:
+                transformer.forward = forward  # type: ignore[method-assign]
+            try:
+                output = pipe(
                     prompt_embeds=request.embeds["prompt_embeds"][None].to(device, dtype),
                     pooled_prompt_embeds=request.embeds["pooled_prompt_embeds"][None].to(device, dtype),
                     width=request.width,
                     height=request.height,
-                    num_inference_steps=self.config.validation_num_inference_steps,
-                    guidance_scale=self.config.validation_guidance,
+                    num_inference_steps=cfg.validation_num_inference_steps,
+                    guidance_scale=cfg.validation_guidance,
                     generator=torch.Generator("cpu").manual_seed(request.seed),
-                    max_sequence_length=self.config.tokenizer_max_length or 512,
-                ).images[0]
-            )
+                    max_sequence_length=cfg.tokenizer_max_length or 512,
+                    **extra,
+                )
+            finally:
+                if own_forward:
+                    transformer.forward = original_forward  # type: ignore[method-assign]
+                else:
+                    vars(transformer).pop("forward", None)
+            images.append(output.images[0])
         return images
 
     def loading_example(self, output_dir: Path) -> str:

@@ -33,6 +33,15 @@ class FluxOptions(Options):
     t5_padding: Literal["unmodified", "zero"] = Field(
         "unmodified", description="zero: set the T5 embeddings of padding tokens to 0."
     )
+    validation_guidance_real: float = Field(
+        1.0,
+        ge=0,
+        description="Above 1: true classifier-free guidance with validation_negative_prompt in validation images "
+        "(two forwards per step; validation_guidance stays the distilled guidance value).",
+    )
+    validation_no_cfg_until_timestep: int = Field(
+        2, ge=0, description="With true CFG, the first N validation sampling steps run without it."
+    )
 
     @model_validator(mode="after")
     def _guidance_range(self) -> FluxOptions:

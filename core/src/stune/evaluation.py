@@ -1,0 +1,226 @@
+"""Evaluation loss: the flow-matching loss on held-out images, comparable from step to step.
+
+The training loss jumps from step to step because every step draws new images, noise and σ.
+The eval loss removes all three sources of variation (after spacepxl's "demystifying SD
+fine-tuning", as SimpleTuner's ``Evaluation``): the same ``num_eval_images`` images of the
+``dataset_type: eval`` datasets (never trained on), at each of ``eval_timesteps`` σ values of
+the scheduler's inference schedule (with the resolution-dependent ``mu`` when the scheduler
+shifts dynamically), with noise drawn from a generator seeded afresh for every evaluation. Two
+evaluations of the same weights therefore give the same number, and a change means the weights
+changed. The latent is the VAE distribution's mean (no sampling noise either).
+
+It runs under ``no_grad`` with the adapter active, the transformer in eval mode (no dropout),
+and leaves the global random state untouched, so training goes on exactly as without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from stune._defaults import weight_dtype
+from stune.data.loader import load_batch
+from stune.errors import UserError
+from stune.flow import noisy_inputs, resolution_shift, shift_sigmas
+from stune.validation import preserved_rng
+
+if TYPE_CHECKING:
+    from stune.config import CoreOptions
+    from stune.data.cache import TextEmbedCache
+    from stune.data.loader import Sample
+    from stune.family import Components, ModelFamily
+
+log = logging.getLogger("stune.evaluation")
+
+#: the seed of the eval noise (fixed: the number must not depend on the run's seed either)
+EVAL_SEED = 0
+
+
+@dataclass
+class EvalResult:
+    step: int
+    loss: float
+    #: mean loss at the k-th σ of the schedule (k = 0 is the noisiest)
+    per_sigma: list[float]
+
+    def record(self) -> dict[str, Any]:
+        """A metrics.jsonl line: ``eval_loss`` and ``eval_loss/sigma_<k>``."""
+        return {
+            "step": self.step,
+            "eval_loss": self.loss,
+            **{f"eval_loss/sigma_{k:02d}": value for k, value in enumerate(self.per_sigma)},
+        }
+
+
+def select_samples(samples: list[Sample], config: CoreOptions) -> list[Sample]:
+    """The eval samples used: those of ``eval_dataset_id`` (or all), the first ``num_eval_images`` by path."""
+    if config.eval_dataset_id is not None:
+        ids = sorted({s.dataset_id for s in samples})
+        chosen = [s for s in samples if s.dataset_id == config.eval_dataset_id]
+        if not chosen:
+            known = ", ".join(ids) if ids else "none"
+            raise UserError(
+                f"eval_dataset_id `{config.eval_dataset_id}` names no eval dataset with usable images "
+                f"(eval datasets: {known}); fix the id or set dataset_type eval on that dataset."
+            )
+        samples = chosen
+    unique = {(s.dataset_id, str(s.image)): s for s in samples}
+    return [unique[key] for key in sorted(unique)][: config.num_eval_images]
+
+
+def schedule_sigmas(
+    scheduler: Any, count: int, seq_len: int, shift_parameters: tuple[int, int, float, float], static_shift: float
+) -> torch.Tensor:
+    """``count`` σ values, noisiest first, as the scheduler spaces them for ``count`` inference steps.
+
+    A scheduler with ``use_dynamic_shifting`` gets ``mu`` for this image size (as the pipelines
+    compute it); a family without a flow scheduler gets an even spacing with the static shift.
+    """
+    if scheduler is not None and hasattr(scheduler, "set_timesteps"):
+        own = copy.deepcopy(scheduler)  # set_timesteps changes the scheduler; validation uses the original
+        config = getattr(own, "config", {}) or {}
+        kwargs = {}
+        if config.get("use_dynamic_shifting", False):
+            kwargs["mu"] = math.log(resolution_shift(seq_len, *shift_parameters))
+        own.set_timesteps(count, device="cpu", **kwargs)
+        sigmas = getattr(own, "sigmas", None)
+        if sigmas is not None and len(sigmas) >= count:
+            return torch.as_tensor(sigmas[:count], dtype=torch.float32)  # drop the terminal 0
+    return shift_sigmas(torch.linspace(1.0, 1.0 / count, count), static_shift)
+
+
+class Evaluator:
+    """Computes the eval loss of the transformer as it is now."""
+
+    def __init__(
+        self,
+        family: ModelFamily,
+        components: Components,
+        config: CoreOptions,
+        samples: list[Sample],
+        text_cache: TextEmbedCache,
+        device: torch.device,
+    ) -> None:
+        self.family = family
+        self.config = config
+        self.samples = samples
+        self.text_cache = text_cache
+        self.device = device
+        self.dtype = weight_dtype(config)
+        self.chunk = max(1, config.train_batch_size)  # σ values per forward: a batch known to fit
+        self._scheduler = components.scheduler
+        self._shift_parameters = family.shift_parameters(components)
+        self._sigmas: dict[tuple[int, int], torch.Tensor] = {}
+
+    def sigmas(self, latent_height: int, latent_width: int) -> torch.Tensor:
+        key = (latent_height, latent_width)
+        if key not in self._sigmas:
+            seq_len = self.family.sequence_length(latent_height, latent_width)
+            self._sigmas[key] = schedule_sigmas(
+                self._scheduler,
+                self.config.eval_timesteps,
+                seq_len,
+                self._shift_parameters,
+                self.config.flow_schedule_shift,
+            )
+            log.info(
+                "eval σ for %dx%d latents: %s",
+                latent_width,
+                latent_height,
+                ", ".join(f"{s:.3f}" for s in self._sigmas[key].tolist()),
+            )
+        return self._sigmas[key]
+
+    def evaluate(
+        self,
+        transformer: torch.nn.Module,
+        step: int,
+        autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    ) -> EvalResult:
+        count = self.config.eval_timesteps
+        totals = torch.zeros(count, dtype=torch.float64)
+        # Seeded afresh each time: the same noise at every evaluation. The noise is drawn on the CPU
+        # (the same numbers on any machine); randomness inside ``predict`` uses a device generator.
+        generator = torch.Generator("cpu").manual_seed(EVAL_SEED)
+        device_generator = torch.Generator(self.device).manual_seed(EVAL_SEED + 1)
+        was_training = transformer.training
+        transformer.eval()
+        try:
+            with torch.no_grad(), preserved_rng(self.device):
+                for sample in self.samples:
+                    totals += self._sample_losses(transformer, sample, generator, device_generator, autocast)
+        finally:
+            transformer.train(was_training)
+        per_sigma = (totals / len(self.samples)).tolist()
+        return EvalResult(step=step, loss=sum(per_sigma) / count, per_sigma=per_sigma)
+
+    def _sample_losses(
+        self,
+        transformer: torch.nn.Module,
+        sample: Sample,
+        generator: torch.Generator,
+        device_generator: torch.Generator,
+        autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+    ) -> torch.Tensor:
+        """The loss of one eval image at every σ (a tensor of ``eval_timesteps`` values)."""
+        batch = load_batch([sample], sample.captions[:1], self.text_cache)
+        latents = batch["latent_mean"].to(self.device, torch.float32)  # (1, C, h, w)
+        sigmas = self.sigmas(latents.shape[-2], latents.shape[-1])
+        noise = torch.randn((len(sigmas), *latents.shape[1:]), generator=generator).to(self.device)
+        weight = batch.get("loss_weight")
+        embeds = {
+            k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype) for k, v in batch["embeds"].items()
+        }
+        losses = []
+        for start in range(0, len(sigmas), self.chunk):
+            sig = sigmas[start : start + self.chunk].to(self.device)
+            size = len(sig)
+            x0 = latents.expand(size, *latents.shape[1:])
+            eps = noise[start : start + size]
+            prepared = {
+                **batch,
+                "latents": x0,
+                "noise": eps,
+                "sigmas": sig,
+                "noisy_latents": noisy_inputs(x0, eps, sig).to(self.dtype),
+                "embeds": {k: v.expand(size, *v.shape[1:]).contiguous() for k, v in embeds.items()},
+                "generator": device_generator,
+                "is_regularisation": False,
+            }
+            with autocast():
+                prediction = self.family.predict(transformer, prepared)
+            error = (prediction.float() - (eps - x0)).square()
+            if weight is not None:
+                error = error * weight.to(self.device)
+            losses.append(error.flatten(1).mean(dim=1).double().cpu())
+        return torch.cat(losses)
+
+
+def make_evaluator(
+    family: ModelFamily,
+    components: Components,
+    config: CoreOptions,
+    samples: list[Sample],
+    text_cache: TextEmbedCache,
+    device: torch.device,
+) -> Evaluator | None:
+    """An :class:`Evaluator` when the run has eval images and the eval loss is not disabled."""
+    if config.eval_loss_disable:
+        return None
+    if not samples:
+        if config.eval_steps_interval:
+            log.warning(
+                "eval_steps_interval is set but no dataset has dataset_type eval: no eval loss is computed; "
+                "add an eval dataset to the dataset list"
+            )
+        return None
+    chosen = select_samples(samples, config)
+    log.info("eval loss on %d images at %d σ values", len(chosen), config.eval_timesteps)
+    return Evaluator(family, components, config, chosen, text_cache, device)

@@ -1,0 +1,31 @@
+"""Publishing: the model card written into output_dir and the optional Hugging Face Hub upload."""
+
+from __future__ import annotations
+
+from pydantic import model_validator
+
+from stune.options import Field, Options
+
+
+class PublishOptions(Options):
+    push_to_hub: bool = Field(False, description="Upload output_dir to the Hugging Face Hub at the end of training.")
+    hub_model_id: str | None = Field(
+        None, description="Hub repository to upload to (user/name); created when missing. Needs push_to_hub."
+    )
+    push_checkpoints_to_hub: bool = Field(
+        False,
+        description="Include the checkpoint-<step>/ folders in the push_to_hub upload (default: final outputs only).",
+    )
+    model_card_private: bool = Field(True, description="Create the Hub repository as private.")
+    model_card_safe_for_work: bool = Field(
+        False, description="Declare the validation images safe for work (otherwise tagged not-for-all-audiences)."
+    )
+    model_card_note: str | None = Field(None, description="A note placed at the top of the model card.")
+
+    @model_validator(mode="after")
+    def _hub_repo(self) -> PublishOptions:
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("`push_to_hub` needs `hub_model_id` (the Hub repository, user/name); set it")
+        if self.hub_model_id is not None and self.hub_model_id.count("/") > 1:
+            raise ValueError(f"`hub_model_id` {self.hub_model_id!r} is not a repository id of the form user/name")
+        return self

@@ -1,0 +1,340 @@
+"""The model card (``output_dir/README.md``) and the optional Hugging Face Hub upload.
+
+At the end of a run :func:`finish_run` writes the card (always) and, with ``push_to_hub``, creates
+the ``hub_model_id`` repository and uploads ``output_dir`` to it with ``huggingface_hub``:
+the adapter, its config, the card, validation images, ``metrics.jsonl`` and TensorBoard logs;
+``checkpoint-*`` folders only with ``push_checkpoints_to_hub``; never wandb's run folder (it
+holds machine details) nor temporary files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import textwrap
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stune.errors import ConfigError, UserError
+
+if TYPE_CHECKING:
+    from stune.config import CoreOptions
+    from stune.family import ModelFamily
+
+log = logging.getLogger("stune.publish")
+
+CARD_FILE = "README.md"
+IMAGES_DIR = "validation_images"
+TRAINING_CONFIG = "training_config.json"
+_IMAGE = re.compile(r"^step-(\d+)-(.+)\.(png|jpe?g|webp)$", re.IGNORECASE)
+_SIZE_SUFFIX = re.compile(r"-\d+x\d+(?:-\d+)?$")  # -<W>x<H>[-<image index>]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Never uploaded: our temporary checkpoint folders and wandb's run folders.
+_ALWAYS_IGNORED = [".checkpoint-*", "*.tmp-*", "wandb/*", "*/wandb/*"]
+_CHECKPOINTS = ["checkpoint-*"]
+
+
+# -- checks (config time, cheap) ----------------------------------------------------------------
+
+
+def check_publish(config: CoreOptions) -> None:
+    """With ``push_to_hub``, fail before training if the upload cannot happen (offline, no token)."""
+    if not getattr(config, "push_to_hub", False):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+        raise ConfigError(
+            "push_to_hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set; unset it or turn push_to_hub off."
+        )
+    from huggingface_hub import get_token
+
+    if get_token() is None:
+        raise ConfigError(
+            "push_to_hub needs a Hugging Face token with write access; run `hf auth login` or set HF_TOKEN."
+        )
+
+
+# -- model card ---------------------------------------------------------------------------------
+
+
+def validation_gallery(output_dir: Path) -> dict[int, list[Path]]:
+    """Validation images in ``output_dir/validation_images`` by step, oldest step first."""
+    by_step: dict[int, list[Path]] = {}
+    folder = Path(output_dir) / IMAGES_DIR
+    if not folder.is_dir():
+        return by_step
+    for path in sorted(folder.iterdir()):
+        match = _IMAGE.match(path.name)
+        if match and path.is_file():
+            by_step.setdefault(int(match.group(1)), []).append(path)
+    return dict(sorted(by_step.items()))
+
+
+def _prompt_names(config: CoreOptions) -> dict[str, str]:
+    """File-name nickname → validation prompt (stune.validation names its files by nickname)."""
+    from stune.opts.validation import file_slug
+    from stune.validation import rendered_prompts
+
+    return {file_slug(name): prompt for name, prompt in rendered_prompts(config).items()}
+
+
+def _image_prompt(path: Path, prompts: dict[str, str]) -> str:
+    match = _IMAGE.match(path.name)
+    name = _SIZE_SUFFIX.sub("", match.group(2)) if match else path.stem
+    return prompts.get(name, name)
+
+
+def _base_image(path: Path) -> Path | None:
+    """The base model's image (rendered before training, adapter off) for the same prompt and size."""
+    match = _IMAGE.match(path.name)
+    base = path.with_name(f"base-{match.group(2)}.{match.group(3)}") if match else None
+    return base if base is not None and base.is_file() else None
+
+
+def _trigger_words(config: CoreOptions) -> list[str]:
+    """Instance prompts of the training datasets that put them into captions."""
+    from stune.data.config import read_dataset_list
+
+    words: list[str] = []
+    try:
+        _, entries = read_dataset_list(config)
+    except UserError:  # the card must not fail because the dataset list moved after training
+        entries = []
+    for entry in entries:
+        if entry.disabled or entry.dataset_type != "image":
+            continue
+        prompt = entry.instance_prompt or config.instance_prompt
+        strategy = entry.caption_strategy or config.caption_strategy
+        uses = strategy == "instanceprompt" or entry.prepend_instance_prompt or entry.only_instance_prompt
+        if prompt and uses and prompt not in words:
+            words.append(prompt)
+    return words
+
+
+def _base_model_card_license(path: str, revision: str | None) -> dict[str, str]:
+    """license / license_name / license_link of the base model's own card, when it is on disk."""
+    from huggingface_hub import ModelCard, try_to_load_from_cache
+
+    readme: Any = None
+    local = Path(path)
+    if local.is_dir():
+        readme = local / CARD_FILE if (local / CARD_FILE).is_file() else None
+    elif _HUB_ID.match(path):
+        readme = try_to_load_from_cache(path, CARD_FILE, revision=revision)
+    if not isinstance(readme, (str, Path)):
+        return {}
+    try:
+        data = ModelCard.load(readme).data
+    except (OSError, ValueError):
+        return {}
+    return {k: str(v) for k in ("license", "license_name", "license_link") if (v := getattr(data, k, None))}
+
+
+def _adapter_kind(config: CoreOptions) -> str:
+    if getattr(config, "model_type", "lora") == "full":
+        return "full"
+    return "lycoris" if getattr(config, "lora_type", "standard") == "lycoris" else "lora"
+
+
+def _adapter_lines(config: CoreOptions, family: ModelFamily, output_dir: Path) -> list[str]:
+    kind = _adapter_kind(config)
+    if kind == "full":
+        return ["Full fine-tune of the transformer (diffusers `transformer/` folder)."]
+    if kind == "lycoris":
+        lines = ["LyCORIS network (`pytorch_lora_weights.safetensors` in LyCORIS format, with `lycoris_config.json`)."]
+        settings = Path(output_dir) / "lycoris_config.json"
+        if not settings.is_file():
+            settings = Path(getattr(config, "lycoris_config", "") or "lycoris_config.json")
+        if settings.is_file():
+            lines += ["", "```json", settings.read_text(encoding="utf-8").strip(), "```"]
+        return lines
+    try:
+        targets = ", ".join(f"`{t}`" for t in family.lora_target_modules())
+    except UserError:
+        targets = "(family default)"
+    name = "DoRA" if getattr(config, "use_dora", False) else "LoRA"
+    return [f"PEFT {name}: rank {config.lora_rank}, alpha {config.effective_lora_alpha:g}, on {targets}."]
+
+
+def _settings_rows(config: CoreOptions, family: ModelFamily, result: Any) -> list[tuple[str, Any]]:
+    shift = "auto (resolution-dependent)" if config.flow_schedule_auto_shift else config.flow_schedule_shift
+    steps = getattr(result, "final_step", None)
+    rows: list[tuple[str, Any]] = [
+        ("Model family", f"{family.name}" + (f" ({family.flavour})" if family.flavour else "")),
+        ("Training steps", steps if steps is not None else config.max_train_steps),
+        ("Epochs", config.num_train_epochs if not config.max_train_steps else None),
+        ("Learning rate", f"{config.learning_rate:g}"),
+        ("LR scheduler", f"{config.lr_scheduler} (warm-up {config.lr_warmup_steps} steps)"),
+        ("Optimizer", config.optimizer),
+        ("Batch size", f"{config.train_batch_size} × {config.gradient_accumulation_steps} accumulation (per process)"),
+        ("Resolution", f"{config.resolution:g} ({config.resolution_type})"),
+        ("Flow shift", shift),
+        ("Sigmoid scale", config.flow_sigmoid_scale),
+        ("Caption dropout", config.caption_dropout_probability),
+        ("Gradient clipping", f"{config.max_grad_norm:g} ({config.grad_clip_method})"),
+        ("Mixed precision", config.mixed_precision),
+        ("Base model precision", getattr(config, "base_model_precision", None)),
+        ("Seed", config.seed),
+    ]
+    return [(name, value) for name, value in rows if value is not None]
+
+
+def model_card_text(config: CoreOptions, family: ModelFamily, output_dir: Path, result: Any) -> str:
+    """The text of ``README.md``: Hub metadata (YAML front matter) and a readable body."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    output_dir = Path(output_dir)
+    base = family.model_path()
+    kind = _adapter_kind(config)
+    hub_id = getattr(config, "hub_model_id", None)
+    title = hub_id or output_dir.resolve().name
+    prompts = _prompt_names(config)
+    gallery = validation_gallery(output_dir)
+    final_images = gallery[max(gallery)] if gallery else []
+    triggers = _trigger_words(config)
+    tags = ["text-to-image", "diffusers", *([kind] if kind != "full" else []), "stune", family.name]
+    if kind != "full":
+        tags.append("template:sd-lora")
+    if not getattr(config, "model_card_safe_for_work", False):
+        tags.append("not-for-all-audiences")
+    metadata: dict[str, Any] = {
+        "base_model": base if _HUB_ID.match(base) and not Path(base).exists() else None,
+        "library_name": "diffusers",
+        "pipeline_tag": "text-to-image",
+        "tags": tags,
+        **_base_model_card_license(base, config.revision),
+    }
+    if final_images:
+        metadata["widget"] = [
+            {"text": _image_prompt(p, prompts), "output": {"url": f"{IMAGES_DIR}/{p.name}"}} for p in final_images
+        ]
+    if triggers:
+        metadata["instance_prompt"] = triggers[0]
+
+    what = {"lora": "a LoRA", "lycoris": "a LyCORIS adapter", "full": "a full fine-tune"}[kind]
+    base_link = f"[{base}](https://huggingface.co/{base})" if metadata["base_model"] else f"`{base}`"
+    body = [f"# {title}", ""]
+    note = getattr(config, "model_card_note", None)
+    if note:
+        body += [note, ""]
+    body += [f"This is {what} of {base_link} trained with [stune](https://pypi.org/project/stune/).", ""]
+    if triggers:
+        body += ["## Trigger words", "", "Put these in your prompt:", ""]
+        body += [f"- `{word}`" for word in triggers] + [""]
+    body += ["## Validation images", ""]
+    if final_images:
+        step = max(gallery)
+        body += [
+            f"At step {step} ({config.validation_num_inference_steps} sampling steps, "
+            f"guidance {config.validation_guidance:g}):",
+            "",
+        ]
+        with_base = any(_base_image(p) for p in final_images)
+        body += ["| Prompt | Base model | Trained |" if with_base else "| Prompt | Image |"]
+        body += ["|---|---|---|" if with_base else "|---|---|"]
+        for path in final_images:
+            prompt = _image_prompt(path, prompts).replace("|", "\\|").replace("\n", " ")
+            cells = [prompt]
+            if with_base:
+                base_image = _base_image(path)
+                cells.append(f"![base]({IMAGES_DIR}/{base_image.name})" if base_image else "")
+            cells.append(f"![{path.stem}]({IMAGES_DIR}/{path.name})")
+            body.append("| " + " | ".join(cells) + " |")
+        earlier = sum(len(images) for s, images in gallery.items() if s != step)
+        if earlier:
+            body += ["", f"{earlier} more from earlier steps {'is' if earlier == 1 else 'are'} in `{IMAGES_DIR}/`."]
+        body.append("")
+    else:
+        body += ["No validation images were rendered (set validation_prompt).", ""]
+    body += ["## Adapter", "", *_adapter_lines(config, family, output_dir), ""]
+    if (output_dir / "ema").is_dir():
+        body += ["An EMA copy of the weights, in the same format, is in `ema/`; load it from that folder.", ""]
+    body += ["## Training settings", "", "| Option | Value |", "|---|---|"]
+    body += [f"| {name} | {value} |" for name, value in _settings_rows(config, family, result)]
+    body += [
+        "",
+        "Every option of the run is in `training_config.json`; per-step loss, learning rate and gradient norm in",
+    ]
+    body += ["`metrics.jsonl`.", ""]
+    snippet = textwrap.dedent(family.loading_example(Path(hub_id) if hub_id else output_dir)).strip()
+    body += ["## Inference", ""]
+    if snippet:
+        body += ["```python", snippet, "```", ""]
+    else:
+        body += [f"The {family.name} family gives no loading example.", ""]
+    card_data = ModelCardData(**{k: v for k, v in metadata.items() if v is not None})
+    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(body))
+    return str(card)
+
+
+def write_model_card(config: CoreOptions, family: ModelFamily, output_dir: Path, result: Any) -> Path:
+    """Write ``output_dir/README.md`` (and the run's options as ``training_config.json``, which the card cites)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / TRAINING_CONFIG).write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
+    path = output_dir / CARD_FILE
+    path.write_text(model_card_text(config, family, output_dir, result), encoding="utf-8")
+    log.info("model card: %s", path)
+    return path
+
+
+# -- Hub upload ------------------------------------------------------------------------------------
+
+
+def ignore_patterns(include_checkpoints: bool) -> list[str]:
+    """``upload_folder`` ignore patterns (fnmatch on paths relative to output_dir; ``*`` crosses ``/``)."""
+    return [*_ALWAYS_IGNORED, *([] if include_checkpoints else _CHECKPOINTS)]
+
+
+def files_to_upload(output_dir: Path, include_checkpoints: bool) -> list[str]:
+    """The files ``push`` uploads (paths relative to ``output_dir``), filtered exactly as ``upload_folder`` does."""
+    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects  # type: ignore[attr-defined]
+
+    root = Path(output_dir)
+    files = sorted(p.relative_to(root).as_posix() for p in root.glob("**/*") if p.is_file())
+    patterns = ignore_patterns(include_checkpoints) + list(DEFAULT_IGNORE_PATTERNS)
+    return list(filter_repo_objects(files, ignore_patterns=patterns))
+
+
+def push(config: CoreOptions, output_dir: Path) -> str | None:
+    """Upload ``output_dir`` to ``hub_model_id`` (created if missing); return the repository URL."""
+    if not getattr(config, "push_to_hub", False):
+        return None
+    from huggingface_hub import HfApi
+
+    repo_id = str(getattr(config, "hub_model_id", None))
+    include_checkpoints = bool(getattr(config, "push_checkpoints_to_hub", False))
+    api = HfApi()
+    try:
+        url = api.create_repo(
+            repo_id, private=bool(getattr(config, "model_card_private", True)), exist_ok=True, repo_type="model"
+        )
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=output_dir,
+            repo_type="model",
+            ignore_patterns=ignore_patterns(include_checkpoints),
+            commit_message=f"stune: {config.model_family} {_adapter_kind(config)}",
+        )
+    # Whatever went wrong (network, offline mode, token, permissions), the trained files are safe
+    # on disk; say so in one sentence instead of a traceback at the end of a long run.
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+        exclude = "" if include_checkpoints else " --exclude 'checkpoint-*'"
+        raise UserError(
+            f"Uploading to the Hub repository {repo_id} failed ({reason}); the files remain in {output_dir}, "
+            f"upload them later with `hf upload {repo_id} {output_dir}{exclude}`."
+        ) from exc
+    log.info("uploaded %s to %s", output_dir, url)
+    return str(url)
+
+
+def finish_run(config: CoreOptions, family: ModelFamily, output_dir: Path, result: Any, is_main: bool) -> None:
+    """End of training: write the model card and, with ``push_to_hub``, upload (main process only)."""
+    if not is_main:
+        return
+    write_model_card(config, family, output_dir, result)
+    url = push(config, Path(output_dir))
+    if url:
+        log.info("published: %s", url)
