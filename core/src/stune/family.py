@@ -11,6 +11,7 @@ This module does not import torch; the families import it inside their methods.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -47,6 +48,9 @@ class ValidationRequest:
     width: int
     height: int
     seed: int
+    #: with validation_preview: called with (sampling step, image) every ``preview_every`` steps
+    preview: Callable[[int, Image.Image], None] | None = None
+    preview_every: int = 0
 
 
 class ModelFamily:

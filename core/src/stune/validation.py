@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from PIL import Image
 
 from stune.family import ValidationRequest
 from stune.opts.validation import MAIN_NICKNAME, file_slug, load_prompt_library
@@ -99,6 +101,27 @@ def preserved_rng(device: torch.device) -> Iterator[None]:
         yield
 
 
+_COMPILED: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
+
+
+def _compiled(transformer: torch.nn.Module) -> torch.nn.Module:
+    """The transformer compiled once per run (validation_torch_compile), reused at every validation."""
+    if transformer not in _COMPILED:
+        _COMPILED[transformer] = torch.compile(transformer)  # type: ignore[assignment]
+    return _COMPILED[transformer]
+
+
+def _preview_writer(final: Path) -> Callable[[int, Image.Image], None]:
+    """Saves the image being denoised as ``previews/<final name>-s<step>.png`` (validation_preview)."""
+
+    def write(step: int, image: Image.Image) -> None:
+        folder = final.parent / "previews"
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"{final.stem}-s{step:03d}.png")
+
+    return write
+
+
 def render(
     family: ModelFamily,
     components: Components,
@@ -135,6 +158,12 @@ def render(
         for i in range(count)
     ]
     paths = image_paths(config, output_dir, prefix)
+    if config.validation_preview:
+        for request, path in zip(requests, paths, strict=True):
+            request.preview = _preview_writer(path)
+            request.preview_every = config.validation_preview_steps
+    if config.validation_torch_compile:
+        transformer = _compiled(transformer)
     device = next(transformer.parameters()).device
     was_training = transformer.training
     transformer.eval()  # no dropout: the same seed gives the same image for the same weights

@@ -83,8 +83,8 @@ def stable_fraction(*parts: object) -> float:
 def skip_reason(width: int, height: int, ds: ResolvedDataset) -> str | None:
     """Why an image of this size is not used, or None."""
     entry = ds.entry
-    if entry.minimum_image_size:
-        minimum = in_unit(entry.minimum_image_size, ds.resolution_type)
+    if ds.minimum_image_size:
+        minimum = in_unit(ds.minimum_image_size, ds.resolution_type)
         if measure(width, height, ds.resolution_type) < minimum:
             return "too small"
     aspect = width / height
@@ -118,10 +118,10 @@ def plan_size(width: int, height: int, ds: ResolvedDataset, alignment: int, roun
     cover = max(bucket[0] / width, bucket[1] / height)
     if entry.crop:
         scale = 1.0
-        if entry.maximum_image_size and entry.target_downsample_size:
-            maximum = in_unit(entry.maximum_image_size, ds.resolution_type)
+        if ds.maximum_image_size and ds.target_downsample_size:
+            maximum = in_unit(ds.maximum_image_size, ds.resolution_type)
             if measure(width, height, ds.resolution_type) > maximum:
-                target = in_unit(entry.target_downsample_size, ds.resolution_type)
+                target = in_unit(ds.target_downsample_size, ds.resolution_type)
                 scale = target / measure(width, height, ds.resolution_type)
                 if ds.resolution_type == "area":
                     scale = math.sqrt(scale)

@@ -154,6 +154,23 @@ class ResolvedDataset:
         self.instance_prompt = entry.instance_prompt or config.instance_prompt
         self.repeats = entry.repeats
         self.batch_size = entry.train_batch_size or config.train_batch_size
+        # Size limits: the dataset's own, else the global defaults (SimpleTuner's global options).
+        explicit = entry.model_fields_set
+        self.minimum_image_size = (
+            entry.minimum_image_size if "minimum_image_size" in explicit else config.minimum_image_size
+        )
+        if "maximum_image_size" in explicit:
+            self.maximum_image_size, self.target_downsample_size = (
+                entry.maximum_image_size,
+                entry.target_downsample_size,
+            )
+        else:
+            self.maximum_image_size, self.target_downsample_size = (
+                config.maximum_image_size,
+                config.target_downsample_size,
+            )
+        if (self.maximum_image_size is None) != (self.target_downsample_size is None):
+            raise ConfigError(f"Dataset `{self.id}`: set `maximum_image_size` and `target_downsample_size` together.")
         self.is_regularisation = entry.is_regularisation_data
         root = Path(config.cache_dir_vae) if config.cache_dir_vae else Path(config.cache_dir) / "vae"
         self.latent_cache_dir = Path(entry.cache_dir_vae) if entry.cache_dir_vae else root / entry.id

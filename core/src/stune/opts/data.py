@@ -24,6 +24,13 @@ class DataOptions(Options):
         None, description="VAE latent cache folder; default <cache_dir>/vae/<dataset id>."
     )
     cache_dir_text: str | None = Field(None, description="Text-embedding cache folder; default <cache_dir>/text.")
+    minimum_image_size: float | None = Field(
+        None, ge=0, description="Default minimum_image_size of the datasets (unit of resolution_type)."
+    )
+    maximum_image_size: float | None = Field(None, gt=0, description="Default maximum_image_size of the datasets.")
+    target_downsample_size: float | None = Field(
+        None, gt=0, description="Default target_downsample_size of the datasets."
+    )
     vae_batch_size: int = Field(4, gt=0, description="Images per VAE forward while caching.")
     text_encoder_batch_size: int = Field(8, gt=0, description="Captions per text-encoder forward while caching.")
     write_batch_size: int = Field(128, gt=0, description="Cache entries handed to the background writer at once.")

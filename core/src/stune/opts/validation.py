@@ -99,6 +99,16 @@ class ValidationOptions(Options):
         None, description="Seed of validation images (default: seed, else 0); image i of a prompt uses seed + i."
     )
     num_validation_images: int = Field(1, ge=1, description="Images per prompt and resolution at each validation.")
+    validation_guidance_rescale: float = Field(
+        0.0, ge=0, le=1, description="CFG rescale (pipelines that support it); 0 disables."
+    )
+    validation_torch_compile: bool = Field(
+        False, description="torch.compile the transformer for validation (compiled once, reused every time)."
+    )
+    validation_preview: bool = Field(
+        False, description="Also save the image being denoised every validation_preview_steps steps."
+    )
+    validation_preview_steps: int = Field(1, ge=1, description="Sampling steps between preview images.")
     disable_benchmark: bool = Field(
         False,
         description="Skip the base-model images (`base-…` files) rendered once before training to compare against.",

@@ -85,6 +85,10 @@ class FluxFamily(ModelFamily):
 
     def check_config(self) -> None:
         super().check_config()
+        if self.config.validation_guidance_rescale:
+            raise ConfigError(
+                "validation_guidance_rescale has no effect on FLUX (its pipeline has no CFG rescale); set it to 0."
+            )
         limit = self.max_t5_tokens.get(self.flavour or "", 512)
         if self.config.tokenizer_max_length and self.config.tokenizer_max_length > limit:
             raise ConfigError(
@@ -322,6 +326,7 @@ class FluxFamily(ModelFamily):
                     generator=torch.Generator("cpu").manual_seed(request.seed),
                     max_sequence_length=cfg.tokenizer_max_length or 512,
                     **extra,
+                    **_preview_callback(pipe, request),
                 )
             finally:
                 if own_forward:
@@ -353,3 +358,25 @@ def _subfolder(path: str, name: str) -> str | None:
     if local.is_dir() and (local / "config.json").is_file() and not (local / name).is_dir():
         return None
     return name
+
+
+def _preview_callback(pipe: Any, request: ValidationRequest) -> dict[str, Any]:
+    """``callback_on_step_end`` decoding the latents every ``request.preview_every`` steps."""
+    if request.preview is None or not request.preview_every:
+        return {}
+    import torch
+
+    vae = pipe.vae
+
+    def callback(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        if (step + 1) % request.preview_every == 0:
+            with torch.no_grad():
+                latents = pipeline._unpack_latents(
+                    tensors["latents"], request.height, request.width, pipeline.vae_scale_factor
+                )
+                latents = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+                decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+                request.preview(step + 1, pipeline.image_processor.postprocess(decoded, output_type="pil")[0])  # type: ignore[misc]
+        return {}
+
+    return {"callback_on_step_end": callback, "callback_on_step_end_tensor_inputs": ["latents"]}
