@@ -157,6 +157,19 @@ def _adapter_lines(config: CoreOptions, family: ModelFamily, output_dir: Path) -
     return [f"PEFT {name}: rank {config.lora_rank}, alpha {config.effective_lora_alpha:g}, on {targets}."]
 
 
+def _resolutions(result: Any, config: CoreOptions) -> str:
+    """The training sizes, per dataset as the run's dataset report lists them (buckets W×H)."""
+    report = Path(getattr(result, "output_dir", "")) / "dataset_report.json"
+    try:
+        datasets = json.loads(report.read_text())["datasets"]
+        buckets = sorted({b for d in datasets if d.get("type", "image") == "image" for b in d["buckets"]})
+    except (OSError, ValueError, KeyError, TypeError):
+        buckets = []
+    if buckets:
+        return ", ".join(buckets)
+    return f"{config.resolution:g} ({config.resolution_type})"
+
+
 def _settings_rows(config: CoreOptions, family: ModelFamily, result: Any) -> list[tuple[str, Any]]:
     shift = "auto (resolution-dependent)" if config.flow_schedule_auto_shift else config.flow_schedule_shift
     steps = getattr(result, "final_step", None)
@@ -168,7 +181,7 @@ def _settings_rows(config: CoreOptions, family: ModelFamily, result: Any) -> lis
         ("LR scheduler", f"{config.lr_scheduler} (warm-up {config.lr_warmup_steps} steps)"),
         ("Optimizer", config.optimizer),
         ("Batch size", f"{config.train_batch_size} × {config.gradient_accumulation_steps} accumulation (per process)"),
-        ("Resolution", f"{config.resolution:g} ({config.resolution_type})"),
+        ("Resolution", _resolutions(result, config)),
         ("Flow shift", shift),
         ("Sigmoid scale", config.flow_sigmoid_scale),
         ("Caption dropout", config.caption_dropout_probability),
