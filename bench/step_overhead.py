@@ -71,6 +71,7 @@ def write_bench_run(folder: Path, model: Path, steps: int) -> Path:
         "max_train_steps": steps,
         "train_batch_size": BATCH,
         "lora_rank": RANK,
+        "lora_dropout": 0.0,  # the hand loop has none either
         "learning_rate": "1e-4",
         "lr_scheduler": "constant",
         "mixed_precision": "no",
