@@ -2,14 +2,19 @@
 
 The optimizers come from their libraries: torch (AdamW), torch-optimi (AdamW, Lion, StableAdamW;
 its Kahan summation makes ``adamw_bf16``: bf16 weights whose small updates are not rounded
-away), prodigyopt (Prodigy) and bitsandbytes (8-bit and paged optimizers, CUDA only).
+away), prodigyopt (Prodigy) and bitsandbytes (8-bit and paged optimizers).
+
+Settings, from weakest to strongest: each optimizer's SimpleTuner defaults (:data:`DEFAULTS`),
+then ``adam_beta1/adam_beta2/adam_weight_decay/adam_epsilon`` where set, then
+``optimizer_beta1/optimizer_beta2`` where set, then ``optimizer_config``.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.metadata
 import inspect
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from stune.errors import ConfigError
@@ -23,19 +28,61 @@ if TYPE_CHECKING:
 NO_CLIPPING = ("optimi-stableadamw", "prodigy")
 BNB = {"bnb-adamw8bit": "AdamW8bit", "bnb-lion8bit": "Lion8bit", "bnb-lion8bit-paged": "PagedLion8bit"}
 OPTIMI = {"optimi-adamw": "AdamW", "optimi-lion": "Lion", "optimi-stableadamw": "StableAdamW", "adamw_bf16": "AdamW"}
+#: bitsandbytes runs its optimizers on the CPU from this release on (before it, CUDA only).
+BNB_CPU_SINCE = (0, 50)
+#: Share of the run over which Prodigy adapts its step size when prodigy_steps is not set (SimpleTuner's rule).
+PRODIGY_ADAPT_SHARE = 0.25
+
+# SimpleTuner's per-optimizer settings (optimizer_param.py `default_settings`), so that a SimpleTuner
+# config trains with the same betas, weight decay and epsilon. kahan_sum only acts on bf16/fp16 weights.
+_ADAM = {"betas": (0.9, 0.999), "weight_decay": 1e-2, "eps": 1e-8}
+_OPTIMI = {"betas": (0.9, 0.99), "eps": 1e-6, "kahan_sum": True}
+_LION = {"betas": (0.9, 0.99), "weight_decay": 0.0}
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "torch-adamw": _ADAM,
+    "adamw": _ADAM,
+    "adamw_bf16": {"betas": (0.9, 0.999), "weight_decay": 1e-2, "eps": 1e-6, "kahan_sum": True},
+    "optimi-adamw": {**_OPTIMI, "weight_decay": 0.0},
+    "optimi-lion": {**_LION, "kahan_sum": True},
+    "optimi-stableadamw": {**_OPTIMI, "weight_decay": 1e-2},
+    "prodigy": {"betas": (0.9, 0.99), "weight_decay": 0.0, "eps": 1e-8, "d0": 1e-6, "d_coef": 1.0},
+    "bnb-adamw8bit": {"betas": (0.9, 0.999), "weight_decay": 1e-2, "eps": 1e-6},
+    "bnb-lion8bit": {**_LION, "min_8bit_size": 4096},
+    "bnb-lion8bit-paged": {**_LION, "min_8bit_size": 4096},
+}
+
+
+def _bnb_version() -> tuple[int, ...] | None:
+    """Installed bitsandbytes release as numbers, None when it is not installed (no import)."""
+    try:
+        text = importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    numbers = []
+    for part in text.split(".")[:2]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        numbers.append(int(digits or 0))
+    return tuple(numbers)
 
 
 def check_optimizer(config: CoreOptions) -> None:
-    """What the chosen optimizer needs from this machine and the options, before anything loads."""
+    """What the chosen optimizer needs from this machine and the options, before anything loads.
+
+    Called from the core's ``check_config`` hook, so a mistake ends the run (exit status 2) before
+    any model is loaded or any cache is written.
+    """
     name = config.optimizer
     if name in BNB:
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ConfigError(f"optimizer {name} needs bitsandbytes; install it with `pip install 'stune[bnb]'`.")
         import torch
 
-        if not torch.cuda.is_available():
+        version = _bnb_version()
+        if version is None:
+            raise ConfigError(f"optimizer {name} needs bitsandbytes; install it with `pip install 'stune[bnb]'`.")
+        if not torch.cuda.is_available() and version < BNB_CPU_SINCE:
             raise ConfigError(
-                f"optimizer {name} runs only on a CUDA GPU, which this machine lacks; use torch-adamw or optimi-lion."
+                f"optimizer {name} runs only on a CUDA GPU with bitsandbytes "
+                f"{'.'.join(map(str, version))}, and this machine has none; upgrade to bitsandbytes>=0.50 "
+                "(which also runs on the CPU) or use torch-adamw or optimi-lion."
             )
     if name == "adamw_bf16" and config.mixed_precision != "bf16":
         raise ConfigError(
@@ -43,9 +90,10 @@ def check_optimizer(config: CoreOptions) -> None:
         )
     if config.optimizer_config:
         try:
-            _check_overrides(_optimizer_class(name), config.optimizer_overrides, name)
+            cls = _optimizer_class(name)
         except ImportError:
             return  # a missing library is reported when the optimizer is built
+        _check_overrides(cls, config.optimizer_overrides, name)
 
 
 def trainable_dtype(config: CoreOptions) -> torch.dtype:
@@ -78,8 +126,12 @@ def _optimizer_class(name: str) -> Any:
     return getattr(bitsandbytes.optim, BNB[name])
 
 
+def _accepted(cls: Any) -> set[str]:
+    return set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
+
+
 def _check_overrides(cls: Any, overrides: dict[str, Any], name: str) -> None:
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
+    accepted = _accepted(cls)
     for key in overrides:
         if key not in accepted:
             raise ConfigError(
@@ -87,48 +139,96 @@ def _check_overrides(cls: Any, overrides: dict[str, Any], name: str) -> None:
             )
 
 
+def optimizer_settings(config: CoreOptions, accepted: set[str] | None = None) -> dict[str, Any]:
+    """Keyword arguments for the optimizer (without ``params``): defaults, then options, then overrides.
+
+    ``accepted``: the optimizer's keyword names; options it has no use for (eps for Lion) are left out.
+    """
+    settings: dict[str, Any] = {"lr": config.learning_rate, **DEFAULTS[config.optimizer]}
+    beta1 = config.optimizer_beta1 if config.optimizer_beta1 is not None else config.adam_beta1
+    beta2 = config.optimizer_beta2 if config.optimizer_beta2 is not None else config.adam_beta2
+    if beta1 is not None or beta2 is not None:
+        default1, default2 = settings["betas"][:2]
+        settings["betas"] = (default1 if beta1 is None else beta1, default2 if beta2 is None else beta2)
+    if config.adam_weight_decay is not None:
+        settings["weight_decay"] = config.adam_weight_decay
+    if config.adam_epsilon is not None:
+        settings["eps"] = config.adam_epsilon
+    if accepted is not None:
+        settings = {k: v for k, v in settings.items() if k in accepted}
+    settings.update(config.optimizer_overrides)
+    return settings
+
+
 def build_optimizer(params: list[torch.nn.Parameter], config: CoreOptions) -> torch.optim.Optimizer:
     name = config.optimizer
     cls = _optimizer_class(name)
-    kwargs: dict[str, Any] = {
-        "lr": config.learning_rate,
-        "betas": (config.adam_beta1, config.adam_beta2),
-        "weight_decay": config.adam_weight_decay,
-    }
-    if "eps" in inspect.signature(cls.__init__).parameters:
-        kwargs["eps"] = config.adam_epsilon
-    if name in OPTIMI:
-        # bf16 weights would lose updates smaller than their precision; Kahan summation keeps them.
-        kwargs["kahan_sum"] = name == "adamw_bf16" or None
-    overrides = config.optimizer_overrides
-    _check_overrides(cls, overrides, name)
-    kwargs.update(overrides)
-    optimizer: torch.optim.Optimizer = cls(params, **kwargs)
+    _check_overrides(cls, config.optimizer_overrides, name)
+    optimizer: torch.optim.Optimizer = cls(params, **optimizer_settings(config, _accepted(cls)))
     return optimizer
 
 
-def sine_schedule(warmup: int, total: int, cycles: int) -> Any:
-    """Linear warm-up, then a smooth oscillation between the peak and 0: factor = ½(1 + cos(2π·cycles·t)).
+def prodigy_adapt_steps(config: CoreOptions, max_steps: int) -> int:
+    """Steps over which Prodigy adapts its step size d; 0: for the whole run."""
+    if config.prodigy_steps is not None:
+        return config.prodigy_steps
+    return max(1, round(PRODIGY_ADAPT_SHARE * max_steps))
 
-    Unlike cosine_with_restarts, the rate climbs back to the peak gradually instead of jumping.
+
+def _freeze_prodigy_after(optimizer: torch.optim.Optimizer, steps: int) -> None:
+    """From optimizer step ``steps`` on, Prodigy keeps the step size d it had reached.
+
+    prodigyopt re-estimates d on every step; after each step past the limit this puts back the d
+    of the moment it was reached. The frozen value is kept in the param group, so it is saved
+    with the optimizer state and a resumed run keeps it.
+    """
+
+    def keep_d(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for group in opt.param_groups:
+            if group.get("k", 0) >= steps:
+                group.setdefault("frozen_d", group["d"])
+                group["d"] = group["frozen_d"]
+
+    optimizer.register_step_post_hook(keep_d)
+
+
+def sine_schedule(warmup: int, total: int, cycles: int, floor: float) -> Callable[[int], float]:
+    """Factor of the peak learning rate for ``sine``.
+
+    Linear warm-up over ``warmup`` steps from 0 to 1, then ``cycles`` smooth waves down to
+    ``floor`` (= lr_end / learning_rate) and back up over the remaining steps:
+    factor = floor + (1 - floor) · ½(1 + cos(2π · cycles · t)), t = progress after the warm-up in [0, 1].
+    Unlike cosine_with_restarts the rate climbs back to the peak gradually instead of jumping.
+    (SimpleTuner's ``sine`` reuses lr_warmup_steps as the half-period of an endless wave that
+    starts halfway and has no warm-up; here warm-up and cycles keep their usual meaning.)
     """
 
     def factor(step: int) -> float:
         if step < warmup:
             return step / max(1, warmup)
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(2.0 * math.pi * cycles * progress))
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(2.0 * math.pi * cycles * progress))
 
     return factor
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: CoreOptions, max_steps: int) -> Any:
+    """The learning-rate schedule over ``max_steps`` optimizer steps.
+
+    For prodigy this also sets when it stops adapting its step size (prodigy_steps), which depends
+    on the run's length and so is known only here.
+    """
     import torch
     from diffusers.optimization import get_polynomial_decay_schedule_with_warmup, get_scheduler
 
+    if config.optimizer == "prodigy":
+        steps = prodigy_adapt_steps(config, max_steps)
+        if steps > 0:
+            _freeze_prodigy_after(optimizer, steps)
     if config.lr_scheduler == "sine":
+        floor = config.lr_end / config.learning_rate
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, sine_schedule(config.lr_warmup_steps, max_steps, config.lr_num_cycles)
+            optimizer, sine_schedule(config.lr_warmup_steps, max_steps, config.lr_num_cycles, floor)
         )
     if config.lr_scheduler == "polynomial":
         return get_polynomial_decay_schedule_with_warmup(
