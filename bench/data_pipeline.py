@@ -29,6 +29,7 @@ from stune.data.cache import LatentCache
 from stune.data.images import load_sample
 from stune.data.loader import BatchLoader, BatchPlan
 from stune.data.prepare import fill_caches, plan_caches, scan
+from stune.family import LoadRequest
 from stune.plugins import PluginHost
 from stune.session import prepare
 
@@ -62,7 +63,8 @@ def main() -> None:
     config, family, host = session.config, session.family, session.host
     report = scan(config, family)
     plan = plan_caches(config, family, report, [])
-    components = host.hook.load_model(family=family, config=config, device=torch.device("cpu"), text_encoders=True)
+    request = LoadRequest(torch.device("cpu"), torch.float32)
+    components = host.hooks.load_model(family=family, config=config, request=request)
     jobs = plan.latent_jobs["pics"]
 
     def encode(pixels: torch.Tensor) -> dict[str, torch.Tensor]:

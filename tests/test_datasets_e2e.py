@@ -15,6 +15,7 @@ from PIL import Image
 import stune
 from stune.plugins import PluginHost
 from stune.session import prepare
+from stune.step import Prediction, StepInputs
 from stune.testing import run_cli
 from stune.train import train
 
@@ -224,10 +225,12 @@ class LossProbe:
         self.calls: list[dict[str, Any]] = []
 
     @stune.hookimpl(wrapper=True)
-    def compute_loss(self, prediction: torch.Tensor, target: torch.Tensor, batch: dict[str, Any]) -> Any:
-        prediction.retain_grad()
+    def compute_loss(self, prediction: Prediction, inputs: StepInputs) -> Any:
+        prediction.velocity.retain_grad()
         loss = yield
-        self.calls.append({"prediction": prediction, "target": target.detach().clone(), "batch": batch})
+        self.calls.append(
+            {"prediction": prediction.velocity, "target": inputs.target.detach().clone(), "inputs": inputs}
+        )
         return loss
 
 
@@ -238,7 +241,7 @@ def test_mask_of_zeros_removes_the_region_from_the_loss(
     probe = LossProbe()
     train(prepare(host=PluginHost.build(["flux"], plugins=[probe])))
     [call] = probe.calls
-    weight = call["batch"]["loss_weight"]
+    weight = call["inputs"].loss_weight
     assert weight.shape == (2, 1, 8, 8)
     assert torch.all(weight[..., :4] == 0) and torch.all(weight[..., 4:] == 1)
     grad = call["prediction"].grad
@@ -285,6 +288,6 @@ def test_regularisation_target_is_the_base_model_prediction(
     base = FluxTransformer2DModel.from_pretrained(tiny_flux_dir, subfolder="transformer")
     for call in probe.calls:  # the second step runs with an already-trained adapter
         with torch.no_grad():
-            expected = session.family.predict(base, call["batch"])
+            expected = session.family.predict(base, call["inputs"]).velocity
         assert torch.allclose(call["target"], expected, atol=1e-5)
-        assert not torch.allclose(call["target"], call["batch"]["noise"] - call["batch"]["latents"])
+        assert not torch.allclose(call["target"], call["inputs"].noise - call["inputs"].latents)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import venv
 from pathlib import Path
 
@@ -56,7 +55,3 @@ def test_core_alone_lists_plugins_and_names_missing_packages(core_only_venv: Pat
     by_family = _st_train(core_only_venv, [], tmp_path)
     assert by_family.returncode == 2
     assert "model_family `flux` needs the `flux` plugin" in by_family.stderr
-
-
-def test_running_interpreter_is_not_the_core_only_one() -> None:
-    assert "core-only" not in sys.executable

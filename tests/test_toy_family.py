@@ -7,15 +7,12 @@ inspect its outputs and the hook calls recorded during it; the CLI tests load th
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -26,24 +23,12 @@ import stune
 from stune.plugins import PluginHost
 from stune.testing import make_images, run_cli, write_run
 
-TOY_PATH = Path(__file__).resolve().parent / "toy_family.py"
+from .conftest import TOY_PATH, load_toy
+
 VALIDATION_PROMPT = "a picture number 1"
 
 
-def _load_toy() -> ModuleType:
-    """Import tests/toy_family.py from its path (pytest runs with --import-mode=importlib)."""
-    name = "stune_test_toy_family"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, TOY_PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-toy = _load_toy()
+toy = load_toy()
 
 
 # -------------------------------------------------------------------------------------------------
@@ -71,23 +56,16 @@ class Recorder:
         self.calls["encode_text"].append((list(prompts), result))
         return result
 
-    @stune.hookimpl
-    def route_tokens(self, family: Any, transformer: Any) -> None:
-        lora = [n for n, _ in transformer.named_modules() if n.endswith(".lora_A")]
-        self.calls["route_tokens"].append(
-            {
-                "family": family.name,
-                "transformer": transformer,
-                "gradient_checkpointing": transformer.gradient_checkpointing,
-                "lora_modules": lora,
-            }
-        )
-
     @stune.hookimpl(wrapper=True)
-    def compute_loss(self, prediction: torch.Tensor, target: torch.Tensor) -> Iterator[None]:
+    def compute_loss(self, prediction: Any, inputs: Any, family: Any) -> Iterator[None]:
         loss = yield
         self.calls["compute_loss"].append(
-            {"loss": float(loss.detach()), "prediction": tuple(prediction.shape), "target": tuple(target.shape)}
+            {
+                "loss": float(loss.detach()),
+                "prediction": tuple(prediction.velocity.shape),
+                "target": tuple(inputs.target.shape),
+                "family": family.name,
+            }
         )
         return loss * 1.0
 
@@ -121,9 +99,9 @@ class LoadReplacer:
         self.calls: list[bool] = []
 
     @stune.hookimpl
-    def load_model(self, family: Any, device: torch.device, text_encoders: bool) -> Any:
-        self.calls.append(text_encoders)
-        components = family.load(device, torch.float32, text_encoders=text_encoders)
+    def load_model(self, family: Any, request: Any) -> Any:
+        self.calls.append(request.text_encoders)
+        components = family.load(request)
         components.extras["loaded_by"] = "replacer"
         return components
 
@@ -175,11 +153,6 @@ def toy_run(folder: Path, model: Path, **options: Any) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def toy_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return toy.build_toy_model(tmp_path_factory.mktemp("toy-model") / "model")
-
-
 @dataclass
 class Trained:
     run_dir: Path
@@ -201,9 +174,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory, toy_model: Path) -> Traine
     family_loads: list[bool] = []
     original_load = toy.ToyFamily.load
 
-    def counting_load(self: Any, device: Any, weight_dtype: Any, text_encoders: bool = True) -> Any:
-        family_loads.append(text_encoders)
-        return original_load(self, device, weight_dtype, text_encoders=text_encoders)
+    def counting_load(self: Any, request: Any) -> Any:
+        family_loads.append(request.text_encoders)
+        return original_load(self, request)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(run_dir)
@@ -307,18 +280,10 @@ def test_lifecycle_hooks_fire(trained: Trained) -> None:
     assert calls["on_train_end"] == [(2, trained.output_dir)]
 
 
-def test_route_tokens_receives_the_adapted_transformer(trained: Trained) -> None:
-    (routed,) = trained.recorder.calls["route_tokens"]
-    assert routed["family"] == "toy"
-    assert isinstance(routed["transformer"], toy.ToyDiT)
-    assert routed["gradient_checkpointing"] is True
-    assert len(routed["lora_modules"]) == 8  # 2 blocks x (to_q, to_k, to_v, to_out)
-
-
 def test_compute_loss_wrapper_sees_every_micro_step(trained: Trained) -> None:
     calls = trained.recorder.calls["compute_loss"]
     assert len(calls) == 2  # 2 steps, batch 2, no accumulation
-    assert all(c["prediction"] == c["target"] == (2, 4, 16, 16) for c in calls)
+    assert all(c["prediction"] == c["target"] == (2, 4, 16, 16) and c["family"] == "toy" for c in calls)
     # What the wrapper returned is what the core logged.
     logged = [m["loss"] for m in trained.recorder.calls["on_step_end"]]
     assert logged == pytest.approx([c["loss"] for c in calls])
@@ -327,7 +292,8 @@ def test_compute_loss_wrapper_sees_every_micro_step(trained: Trained) -> None:
 def test_encode_text_wrapper_sees_toy_embeddings(trained: Trained) -> None:
     encoded = trained.recorder.calls["encode_text"]
     prompts = [p for batch, _ in encoded for p in batch]
-    assert VALIDATION_PROMPT in prompts and "" in prompts
+    # The dropped caption's embedding comes from family.unconditional_embeds, not from this hook.
+    assert VALIDATION_PROMPT in prompts and "" not in prompts
     for _, result in encoded:
         for item in result:
             assert set(item) == {"tokens", "pooled"}

@@ -24,7 +24,9 @@ from torch import nn
 from torch.nn import functional as F
 
 import stune
-from stune.family import Components, ModelFamily, ValidationRequest
+from stune.family import Components, LoadRequest, ModelFamily, TextEncoderSlot, ValidationRequest
+from stune.layout import Arg, BlockList, ForwardTokens, Segment, TokenLayout
+from stune.step import Prediction, StepInputs
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 LORA_PREFIX = "transformer."
@@ -232,13 +234,13 @@ class ToyFamily(ModelFamily):
         "cross": ("add_q", "add_k", "add_v", "add_out"),
     }
     default_lora_preset = "attn"
-    routable_blocks = ("blocks",)
+    text_encoder_slots = (TextEncoderSlot("text_encoder", "CLIP"),)
     quantization_exclusions = ("proj_in", "proj_out", "*.ada", "ada_out")
     #: No scheduler ships with the toy model: fixed resolution-shift parameters.
     SHIFT: ClassVar[tuple[int, int, float, float]] = (64, 1024, 0.5, 1.15)
 
     # -- loading ---------------------------------------------------------------------------------
-    def load(self, device: torch.device, weight_dtype: torch.dtype, text_encoders: bool = True) -> Components:
+    def load(self, request: LoadRequest) -> Components:
         from diffusers import AutoencoderKL
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -246,12 +248,14 @@ class ToyFamily(ModelFamily):
         try:
             tokenizers = {"tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")}
             encoders: dict[str, Any] = {}
-            if text_encoders:
+            if request.text_encoders:
                 encoders["text_encoder"] = CLIPTextModel.from_pretrained(
-                    path, subfolder="text_encoder", dtype=weight_dtype
+                    path, subfolder="text_encoder", **request.pretrained_kwargs("text_encoder", "dtype")
                 )
-            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=weight_dtype)
-            transformer = ToyDiT.from_pretrained(path, subfolder="transformer", torch_dtype=weight_dtype)
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=request.weight_dtype)
+            transformer = ToyDiT.from_pretrained(
+                path, subfolder="transformer", **request.pretrained_kwargs("transformer")
+            )
         except (OSError, ValueError) as exc:
             raise stune.UserError(
                 f"Could not load the toy model from {path!r}: {str(exc).splitlines()[0]}; "
@@ -261,8 +265,8 @@ class ToyFamily(ModelFamily):
             module.requires_grad_(False)
             module.eval()
         for encoder in encoders.values():
-            encoder.to(device)
-        vae.to(device)
+            encoder.to(request.device)
+        vae.to(request.device)
         return Components(transformer=transformer, vae=vae, text_encoders=encoders, tokenizers=tokenizers)
 
     # -- text and latents ------------------------------------------------------------------------
@@ -291,9 +295,19 @@ class ToyFamily(ModelFamily):
         return self.SHIFT
 
     # -- training --------------------------------------------------------------------------------
-    def predict(self, transformer: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        latents = batch["noisy_latents"]
-        return transformer(latents, batch["sigmas"].to(latents.dtype), batch["embeds"]["tokens"].to(latents.dtype))
+    def predict(self, transformer: torch.nn.Module, inputs: StepInputs) -> Prediction:
+        latents = inputs.noisy_latents
+        tokens = inputs.embeds["tokens"].to(latents.dtype)
+        return Prediction(transformer(latents, inputs.sigmas.to(latents.dtype), tokens))
+
+    def token_layout(self) -> TokenLayout:
+        """Every block takes the image tokens alone (``x``); the text comes in by cross-attention
+        and positions are added before the blocks, so nothing else needs subsetting."""
+        return TokenLayout((BlockList("blocks", Arg("x", 0), (Segment("image", routable=True),)),), patch_size=2)
+
+    def forward_tokens(self, inputs: StepInputs) -> ForwardTokens:
+        rows, cols = (side // 2 for side in inputs.noisy_latents.shape[-2:])
+        return ForwardTokens({"image": rows * cols}, (rows, cols))
 
     # -- outputs ---------------------------------------------------------------------------------
     def save_lora(self, output_dir: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
@@ -336,8 +350,8 @@ class ToyFamily(ModelFamily):
             x = torch.randn(shape, generator=generator).to(device, dtype)
             embeds = {k: v[None].to(device, dtype) for k, v in request.embeds.items()}
             for sigma, sigma_next in pairwise(sigmas):
-                batch = {"noisy_latents": x, "sigmas": torch.full((1,), sigma, device=device), "embeds": embeds}
-                x = x + (sigma_next - sigma) * self.predict(transformer, batch).to(dtype)
+                velocity = transformer(x, torch.full((1,), sigma, device=device, dtype=dtype), embeds["tokens"])
+                x = x + (sigma_next - sigma) * velocity.to(dtype)
             decoded = vae.decode(x.to(vae.device) / vae.config.scaling_factor).sample[0]
             pixels = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
             images.append(Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy()))

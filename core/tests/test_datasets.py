@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from stune.data import metadata
+from stune.data.cache import DROPPED_CAPTION
 from stune.data.config import resolve_datasets
 from stune.data.loader import BatchPlan, Sample
 from stune.data.metadata import scan_dataset
@@ -198,7 +199,7 @@ def test_probability_front_loads_a_dataset() -> None:
 
 def test_caption_dropout_and_too_few_samples() -> None:
     plan = BatchPlan(_samples("a", 50), {"a": 1}, seed=0, caption_dropout=1.0)
-    assert all(b.captions == [""] for b in plan.epoch(0))
+    assert all(b.captions == [DROPPED_CAPTION] for b in plan.epoch(0))
     with pytest.raises(UserError, match="raise `repeats`"):
         BatchPlan(_samples("a", 3), {"a": 4}, seed=0, caption_dropout=0.0)
 

@@ -7,17 +7,19 @@ still replace one phase by implementing the hook (its result comes first).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from stune.errors import ConfigError
 from stune.hookspecs import hookimpl
+from stune.quantize import TRANSFORMER
 
 if TYPE_CHECKING:
     import torch
 
     from stune.adapters import Adapter
     from stune.config import CoreOptions
-    from stune.family import Components, ModelFamily
+    from stune.family import Components, LoadRequest, ModelFamily
+    from stune.quantize import Quantizer, QuantizeTarget
+    from stune.step import Prediction, StepInputs
 
 
 def weight_dtype(config: CoreOptions) -> torch.dtype:
@@ -30,26 +32,8 @@ def weight_dtype(config: CoreOptions) -> torch.dtype:
 
 
 @hookimpl(trylast=True)
-def check_config(config: CoreOptions) -> None:
-    """Checks of the machine the options need (imports torch only for the options that need it)."""
-    from stune.optim import check_optimizer
-
-    check_optimizer(config)
-    if config.model_type == "lora" and config.lora_type == "standard" and config.lora_init_type == "loftq":
-        import importlib.util
-
-        import torch
-
-        if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
-            raise ConfigError(
-                "`lora_init_type` loftq quantizes with bitsandbytes on a CUDA GPU, which this machine lacks; "
-                "use default, gaussian, pissa or olora."
-            )
-
-
-@hookimpl(trylast=True)
-def load_model(family: ModelFamily, config: CoreOptions, device: torch.device, text_encoders: bool) -> Components:
-    return family.load(device, weight_dtype(config), text_encoders=text_encoders)
+def load_model(family: ModelFamily, request: LoadRequest) -> Components:
+    return family.load(request)
 
 
 @hookimpl(trylast=True)
@@ -58,12 +42,11 @@ def encode_text(family: ModelFamily, components: Components, prompts: list[str])
 
 
 @hookimpl(trylast=True)
-def compute_loss(prediction: torch.Tensor, target: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+def compute_loss(prediction: Prediction, inputs: StepInputs) -> torch.Tensor:
     # fp32 for the reduction: bf16 squared errors lose the small differences late in training.
-    loss = (prediction.float() - target.float()).square()
-    weight = batch.get("loss_weight")
-    if weight is not None:
-        loss = loss * weight
+    loss = (prediction.velocity.float() - inputs.target.float()).square()
+    if inputs.loss_weight is not None:
+        loss = loss * inputs.loss_weight
     return loss.mean()
 
 
@@ -73,28 +56,18 @@ def save_adapter(adapter: Adapter, output_dir: Path) -> list[Path]:
 
 
 class QuantizeDispatch:
-    """Default ``quantize``: hand each ``*_precision`` option to the quantizer registered for it."""
+    """Default ``quantize``: hand each target to the quantizer registered for its precision."""
 
-    def __init__(self, quantizers: dict[str, Any]) -> None:
+    def __init__(self, quantizers: dict[str, type[Quantizer]]) -> None:
         self.quantizers = quantizers
 
     @hookimpl(trylast=True)
-    def quantize(self, components: Components, family: ModelFamily, config: CoreOptions) -> None:
-        targets: list[tuple[str, Any, str]] = []
-        precision = getattr(config, "base_model_precision", None)
-        if precision:
-            targets.append(("transformer", components, precision))
-        for index, key in enumerate(components.text_encoders, start=1):
-            te_precision = getattr(config, f"text_encoder_{index}_precision", None)
-            if te_precision:
-                targets.append((key, components.text_encoders, te_precision))
-        for key, holder, precision in targets:
-            if precision == "no_change":
-                continue
-            quantizer = self.quantizers[precision]
-            quantizer.validate_environment(precision)
-            if key == "transformer":
-                exclude = family.quantization_exclusions
-                holder.transformer = quantizer.quantize(holder.transformer, precision, exclude, config)
-            else:
-                holder[key] = quantizer.quantize(holder[key], precision, (), config)
+    def quantize(self, components: Components, config: CoreOptions, targets: list[QuantizeTarget]) -> None:
+        for target in targets:
+            quantizer = self.quantizers[target.precision](config)
+            if target.component == TRANSFORMER:
+                components.transformer = quantizer.quantize(components.transformer, target)
+            elif target.component in components.text_encoders:  # not loaded when every caption is cached
+                components.text_encoders[target.component] = quantizer.quantize(
+                    components.text_encoders[target.component], target
+                )

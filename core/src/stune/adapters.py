@@ -83,24 +83,20 @@ class PeftLora(Adapter):
                 f"The LoRA targets {targets} match no linear layer of this {family.name} transformer; "
                 "choose another target preset or fix peft_lora_target_modules."
             )
-        init: bool | str = True if config.lora_init_type == "default" else config.lora_init_type
-        extra: dict[str, Any] = {}
+        settings: dict[str, Any] = {
+            "r": config.lora_rank,
+            "lora_alpha": config.effective_lora_alpha,  # a float is fine; PEFT only annotates int
+            "lora_dropout": config.lora_dropout,
+            "init_lora_weights": True if config.lora_init_type == "default" else config.lora_init_type,
+            "use_dora": config.use_dora,
+            "target_modules": targets,
+        }
         if config.lora_init_type == "loftq":
             from peft import LoftQConfig
 
-            extra["loftq_config"] = LoftQConfig(loftq_bits=4)
+            settings["loftq_config"] = LoftQConfig(loftq_bits=4)
         transformer.requires_grad_(False)
-        transformer.add_adapter(  # type: ignore[operator]
-            LoraConfig(
-                r=config.lora_rank,
-                lora_alpha=config.effective_lora_alpha,
-                lora_dropout=config.lora_dropout,
-                init_lora_weights=init,
-                use_dora=config.use_dora,
-                target_modules=targets,
-                **extra,
-            )
-        )
+        transformer.add_adapter(LoraConfig(**settings))  # type: ignore[operator]
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -114,7 +110,8 @@ class PeftLora(Adapter):
         from peft.utils import get_peft_model_state_dict
 
         state_dict = get_peft_model_state_dict(self.transformer)
-        config = self.transformer.peft_config["default"].to_dict()  # type: ignore[index,operator]
+        peft_config: Any = self.transformer.peft_config
+        config = peft_config["default"].to_dict()
         # PEFT keeps target_modules as a set; metadata must be JSON (diffusers writes it as a list too).
         metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
         return [self.family.save_lora(output_dir, state_dict, metadata)]

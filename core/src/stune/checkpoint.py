@@ -136,7 +136,7 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def capture_rng() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     py_state = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),

@@ -9,33 +9,33 @@ shifts dynamically), with noise drawn from a generator seeded afresh for every e
 evaluations of the same weights therefore give the same number, and a change means the weights
 changed. The latent is the VAE distribution's mean (no sampling noise either).
 
-It runs under ``no_grad`` with the adapter active, the transformer in eval mode (no dropout),
-and leaves the global random state untouched, so training goes on exactly as without it.
+It runs through the same :class:`stune.step.FlowStep` and :class:`stune.step.Predictor` as
+training, without gradient (so no training feature acts), with the adapter active and the
+transformer in eval mode (no dropout), and leaves the global random state untouched, so training
+goes on exactly as without it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from stune._defaults import weight_dtype
 from stune.data.loader import load_batch
 from stune.errors import UserError
-from stune.flow import noisy_inputs, resolution_shift, shift_sigmas
+from stune.flow import resolution_shift, shift_sigmas
 from stune.validation import preserved_rng
 
 if TYPE_CHECKING:
     from stune.config import CoreOptions
     from stune.data.cache import TextEmbedCache
     from stune.data.loader import Sample
-    from stune.family import Components, ModelFamily
+    from stune.family import Components
+    from stune.step import FlowStep, Predictor
 
 log = logging.getLogger("stune.evaluation")
 
@@ -97,37 +97,28 @@ def schedule_sigmas(
 
 
 class Evaluator:
-    """Computes the eval loss of the transformer as it is now."""
+    """Computes the eval loss of the model as it is now."""
 
     def __init__(
-        self,
-        family: ModelFamily,
-        components: Components,
-        config: CoreOptions,
-        samples: list[Sample],
-        text_cache: TextEmbedCache,
-        device: torch.device,
+        self, flow: FlowStep, config: CoreOptions, samples: list[Sample], text_cache: TextEmbedCache, scheduler: Any
     ) -> None:
-        self.family = family
+        self.flow = flow
         self.config = config
         self.samples = samples
         self.text_cache = text_cache
-        self.device = device
-        self.dtype = weight_dtype(config)
         self.chunk = max(1, config.train_batch_size)  # σ values per forward: a batch known to fit
-        self._scheduler = components.scheduler
-        self._shift_parameters = family.shift_parameters(components)
+        self._scheduler = scheduler
         self._sigmas: dict[tuple[int, int], torch.Tensor] = {}
 
     def sigmas(self, latent_height: int, latent_width: int) -> torch.Tensor:
         key = (latent_height, latent_width)
         if key not in self._sigmas:
-            seq_len = self.family.sequence_length(latent_height, latent_width)
+            seq_len = self.flow.family.sequence_length(latent_height, latent_width)
             self._sigmas[key] = schedule_sigmas(
                 self._scheduler,
                 self.config.eval_timesteps,
                 seq_len,
-                self._shift_parameters,
+                self.flow.shift_parameters,
                 self.config.flow_schedule_shift,
             )
             log.info(
@@ -138,78 +129,56 @@ class Evaluator:
             )
         return self._sigmas[key]
 
-    def evaluate(
-        self,
-        transformer: torch.nn.Module,
-        step: int,
-        autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
-    ) -> EvalResult:
+    def evaluate(self, predictor: Predictor, step: int) -> EvalResult:
+        """The eval loss now: no gradient, adapter on, transformer in eval mode."""
         count = self.config.eval_timesteps
         totals = torch.zeros(count, dtype=torch.float64)
         # Seeded afresh each time: the same noise at every evaluation. The noise is drawn on the CPU
         # (the same numbers on any machine); randomness inside ``predict`` uses a device generator.
         generator = torch.Generator("cpu").manual_seed(EVAL_SEED)
-        device_generator = torch.Generator(self.device).manual_seed(EVAL_SEED + 1)
+        device_generator = torch.Generator(self.flow.device).manual_seed(EVAL_SEED + 1)
+        transformer = predictor.unwrapped
         was_training = transformer.training
         transformer.eval()
         try:
-            with torch.no_grad(), preserved_rng(self.device):
+            with preserved_rng(self.flow.device):
                 for sample in self.samples:
-                    totals += self._sample_losses(transformer, sample, generator, device_generator, autocast)
+                    totals += self._sample_losses(predictor, sample, generator, device_generator)
         finally:
             transformer.train(was_training)
         per_sigma = (totals / len(self.samples)).tolist()
         return EvalResult(step=step, loss=sum(per_sigma) / count, per_sigma=per_sigma)
 
     def _sample_losses(
-        self,
-        transformer: torch.nn.Module,
-        sample: Sample,
-        generator: torch.Generator,
-        device_generator: torch.Generator,
-        autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+        self, predictor: Predictor, sample: Sample, generator: torch.Generator, device_generator: torch.Generator
     ) -> torch.Tensor:
         """The loss of one eval image at every σ (a tensor of ``eval_timesteps`` values)."""
         batch = load_batch([sample], sample.captions[:1], self.text_cache)
-        latents = batch["latent_mean"].to(self.device, torch.float32)  # (1, C, h, w)
+        device = self.flow.device
+        latents = batch["latent_mean"].to(device, torch.float32)  # (1, C, h, w)
         sigmas = self.sigmas(latents.shape[-2], latents.shape[-1])
-        noise = torch.randn((len(sigmas), *latents.shape[1:]), generator=generator).to(self.device)
-        weight = batch.get("loss_weight")
-        embeds = {
-            k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype) for k, v in batch["embeds"].items()
-        }
+        noise = torch.randn((len(sigmas), *latents.shape[1:]), generator=generator).to(device)
         losses = []
         for start in range(0, len(sigmas), self.chunk):
-            sig = sigmas[start : start + self.chunk].to(self.device)
+            sig = sigmas[start : start + self.chunk].to(device)
             size = len(sig)
-            x0 = latents.expand(size, *latents.shape[1:])
-            eps = noise[start : start + size]
-            prepared = {
-                **batch,
-                "latents": x0,
-                "noise": eps,
-                "sigmas": sig,
-                "noisy_latents": noisy_inputs(x0, eps, sig).to(self.dtype),
-                "embeds": {k: v.expand(size, *v.shape[1:]).contiguous() for k, v in embeds.items()},
-                "generator": device_generator,
-                "is_regularisation": False,
-            }
-            with autocast():
-                prediction = self.family.predict(transformer, prepared)
-            error = (prediction.float() - (eps - x0)).square()
-            if weight is not None:
-                error = error * weight.to(self.device)
+            inputs = self.flow.inputs(
+                batch,
+                device_generator,
+                latents=latents.expand(size, *latents.shape[1:]),
+                noise=noise[start : start + size],
+                sigmas=sig,
+            )
+            prediction = predictor(inputs)
+            error = (prediction.velocity.float() - inputs.target).square()
+            if inputs.loss_weight is not None:
+                error = error * inputs.loss_weight
             losses.append(error.flatten(1).mean(dim=1).double().cpu())
         return torch.cat(losses)
 
 
 def make_evaluator(
-    family: ModelFamily,
-    components: Components,
-    config: CoreOptions,
-    samples: list[Sample],
-    text_cache: TextEmbedCache,
-    device: torch.device,
+    flow: FlowStep, components: Components, config: CoreOptions, samples: list[Sample], text_cache: TextEmbedCache
 ) -> Evaluator | None:
     """An :class:`Evaluator` when the run has eval images and the eval loss is not disabled."""
     if config.eval_loss_disable:
@@ -223,4 +192,4 @@ def make_evaluator(
         return None
     chosen = select_samples(samples, config)
     log.info("eval loss on %d images at %d σ values", len(chosen), config.eval_timesteps)
-    return Evaluator(family, components, config, chosen, text_cache, device)
+    return Evaluator(flow, config, chosen, text_cache, components.scheduler)

@@ -1,8 +1,8 @@
 """What a model family plugin provides: :class:`ModelFamily` and the :class:`Components` it loads.
 
-A family is declared mostly as data (class attributes the core and other plugins read: flavours,
-alignment, LoRA target presets, routable blocks, quantization exclusions) plus a handful of
-methods the training run calls at fixed points: load, encode prompts, encode images, predict,
+A family is declared mostly as data that the core and other plugins read (flavours, alignment,
+LoRA target presets, text-encoder slots, quantization exclusions, the token layout) plus a handful
+of methods the training run calls at fixed points: load, encode prompts, encode images, predict,
 save the adapter, render validation images. The core never names a family; everything
 family-specific lives in the plugin's single file.
 
@@ -11,23 +11,35 @@ This module does not import torch; the families import it inside their methods.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, cast
+
+from typing_extensions import TypeVar
 
 from stune.errors import ConfigError
+from stune.options import Options
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
     from stune.config import CoreOptions
+    from stune.layout import ForwardTokens, TokenLayout
+    from stune.step import Prediction, StepInputs
+
+OptionsT = TypeVar("OptionsT", bound=Options, default=Options)
 
 
 @dataclass
 class Components:
-    """The loaded parts of a pipeline. Text encoders and the VAE may be dropped after caching."""
+    """The loaded parts of a pipeline. Text encoders and the VAE may be dropped after caching.
+
+    ``text_encoders`` and ``tokenizers`` are keyed by the slot keys (``text_encoder``,
+    ``text_encoder_2``, …) the family declares in ``text_encoder_slots``.
+    """
 
     transformer: Any
     vae: Any = None
@@ -35,6 +47,55 @@ class Components:
     tokenizers: dict[str, Any] = field(default_factory=dict)
     scheduler: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TextEncoderSlot:
+    """One text encoder of a family: its key (also its diffusers subfolder), what it is, and which
+    of its modules a quantizer must leave in high precision. Its precision option is
+    ``text_encoder_<N>_precision``, N being the slot's number (1 for ``text_encoder``)."""
+
+    key: str
+    label: str
+    quantization_exclusions: tuple[str, ...] = ()
+
+    @property
+    def number(self) -> int:
+        match = re.fullmatch(r"text_encoder(?:_(\d+))?", self.key)
+        if match is None:
+            raise ValueError(f"text-encoder slot keys are text_encoder, text_encoder_2, …; got {self.key!r}")
+        return int(match.group(1) or 1)
+
+    @property
+    def precision_option(self) -> str:
+        return f"text_encoder_{self.number}_precision"
+
+
+@dataclass
+class LoadRequest:
+    """What :meth:`ModelFamily.load` is asked to load, and how.
+
+    ``quantization``: component (``transformer`` or a slot key) → a load-time quantization config
+    from a quantizer (pass it as ``quantization_config`` to ``from_pretrained``); ``dtypes``:
+    component → dtype overriding ``weight_dtype`` for it.
+    """
+
+    device: torch.device
+    weight_dtype: torch.dtype
+    text_encoders: bool = True
+    quantization: dict[str, Any] = field(default_factory=dict)
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+
+    def dtype(self, component: str) -> torch.dtype:
+        return self.dtypes.get(component, self.weight_dtype)
+
+    def pretrained_kwargs(self, component: str, dtype_key: str = "torch_dtype") -> dict[str, Any]:
+        """The dtype (and ``quantization_config`` when there is one) for ``from_pretrained``;
+        transformers models name the dtype ``dtype``, diffusers models ``torch_dtype``."""
+        kwargs: dict[str, Any] = {dtype_key: self.dtype(component)}
+        if self.quantization.get(component) is not None:
+            kwargs["quantization_config"] = self.quantization[component]
+        return kwargs
 
 
 @dataclass
@@ -53,9 +114,9 @@ class ValidationRequest:
     preview_every: int = 0
 
 
-class ModelFamily:
-    """Base class of a model family. Subclass it in a plugin and register it with
-    ``register_families``.
+class ModelFamily(Generic[OptionsT]):
+    """Base class of a model family. Subclass it in a plugin (``ModelFamily[MyOptions]`` types
+    ``self.options``) and register it with ``register_families``.
 
     Class attributes (data other code reads):
 
@@ -63,12 +124,17 @@ class ModelFamily:
     * ``flavours`` / ``default_flavour``: ``model_flavour`` → Hub repository.
     * ``alignment``: image sides are multiples of this (aspect buckets round to it).
     * ``vae_scale_factor`` and ``latent_channels``: latent geometry.
+    * ``text_encoder_slots``: the text encoders, in order (keys, precision options, exclusions).
     * ``lora_presets``: preset name → PEFT target module names; ``lora_preset_option`` names the
       config key choosing one (e.g. ``flux_lora_target``); ``default_lora_preset`` otherwise.
-    * ``routable_blocks``: attribute names of the transformer's block lists token routing may use.
-    * ``quantization_exclusions``: module-name patterns a quantizer must leave in high precision.
+    * ``quantization_exclusions``: transformer module-name patterns a quantizer must leave in
+      high precision.
     * ``config_defaults``: values for core options the user did not set (e.g. validation guidance).
     * ``lycoris_module_aliases``: class names LyCORIS configs use → the classes of this transformer.
+
+    Methods that declare more (and may depend on the options): :meth:`token_layout` (for token
+    routers), :meth:`text_cache_identity` / :meth:`latent_cache_identity`,
+    :meth:`unconditional_embeds` (dropped captions).
     """
 
     name: ClassVar[str]
@@ -78,10 +144,10 @@ class ModelFamily:
     alignment: ClassVar[int] = 64
     vae_scale_factor: ClassVar[int] = 8
     latent_channels: ClassVar[int] = 16
+    text_encoder_slots: ClassVar[tuple[TextEncoderSlot, ...]] = ()
     lora_presets: ClassVar[dict[str, tuple[str, ...]]] = {}
     lora_preset_option: ClassVar[str | None] = None
     default_lora_preset: ClassVar[str | None] = None
-    routable_blocks: ClassVar[tuple[str, ...]] = ()
     quantization_exclusions: ClassVar[tuple[str, ...]] = ()
     config_defaults: ClassVar[dict[str, Any]] = {}
     #: module class names used in LyCORIS configs (SimpleTuner's ``Attention``) → this family's classes
@@ -89,6 +155,8 @@ class ModelFamily:
 
     def __init__(self, config: CoreOptions) -> None:
         self.config = config
+        #: the run's configuration, typed as this family's options (it holds every plugin's keys)
+        self.options = cast(OptionsT, config)
 
     # -- configuration (no heavy imports) ---------------------------------------------------------
     def apply_defaults(self) -> None:
@@ -127,31 +195,56 @@ class ModelFamily:
             raise ConfigError(f"{self.name} has no LoRA target preset `{preset}`; set peft_lora_target_modules.")
         return list(self.lora_presets[preset])
 
-    def cache_identity(self) -> dict[str, Any]:
-        """Everything that changes cached text embeddings or latents (model, lengths, padding).
+    def token_layout(self) -> TokenLayout | None:
+        """How the transformer's blocks take their tokens (see :mod:`stune.layout`); None when the
+        family does not support token routing."""
+        return None
 
-        The caches hash this together with each caption or image; change it and they re-encode.
-        """
+    # -- cache identities ------------------------------------------------------------------------
+    def text_cache_identity(self) -> dict[str, Any]:
+        """Everything that changes cached caption embeddings: the model, the token length, each text
+        encoder's precision. The text cache hashes it with every caption; change it and captions
+        are encoded again (latents are not)."""
+        return {
+            "family": self.name,
+            "model": self.model_path(),
+            "revision": self.config.revision,
+            "tokenizer_max_length": self.config.tokenizer_max_length,
+            **{slot.key: getattr(self.config, slot.precision_option, None) for slot in self.text_encoder_slots},
+        }
+
+    def latent_cache_identity(self) -> dict[str, Any]:
+        """Everything that changes cached latents: the model and the VAE (captions are not re-encoded
+        when it changes)."""
         return {
             "family": self.name,
             "model": self.model_path(),
             "revision": self.config.revision,
             "vae": self.config.pretrained_vae_model_name_or_path,
-            "tokenizer_max_length": self.config.tokenizer_max_length,
+            "vae_scale": self.vae_scale_factor,
         }
 
     # -- loading and encoding --------------------------------------------------------------------
-    def load(self, device: torch.device, weight_dtype: torch.dtype, text_encoders: bool = True) -> Components:
-        """Load tokenizers, VAE, transformer, scheduler and (if asked) text encoders, frozen.
+    def load(self, request: LoadRequest) -> Components:
+        """Load tokenizers, VAE, transformer, scheduler and (if ``request.text_encoders``) text
+        encoders, frozen; honour ``request.pretrained_kwargs(component)`` for each component.
 
-        Text encoders and VAE go to ``device``; the transformer stays on the CPU until the core
-        has dropped the text encoders, so both never occupy accelerator memory at once.
+        Text encoders and VAE go to ``request.device``; the transformer stays on the CPU until the
+        core has dropped the text encoders, so both never occupy accelerator memory at once.
         """
         raise NotImplementedError
 
     def encode_prompts(self, components: Components, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
         """Encode captions; one dict of tensors (no batch dimension, on the CPU) per caption."""
         raise NotImplementedError
+
+    def unconditional_embeds(self, components: Components) -> dict[str, torch.Tensor]:
+        """What a dropped caption trains on (caption dropout). Default: the encoding of ``""``."""
+        return self.encode_prompts(components, [""])[0]
+
+    def unconditional_identity(self) -> dict[str, Any]:
+        """The options that change :meth:`unconditional_embeds` (hashed into its cache entry)."""
+        return {}
 
     def encode_images(self, components: Components, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """VAE-encode images in [-1, 1] (B, 3, H, W) to scaled latent ``mean`` and ``std`` (B, C, h, w)."""
@@ -176,11 +269,16 @@ class ModelFamily:
         """σ for a batch when the family has its own schedule (e.g. FLUX schnell's), else None."""
         return None
 
-    def predict(self, transformer: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        """Run the transformer on ``batch["noisy_latents"]`` (B, C, h, w) at ``batch["sigmas"]`` (B,)
-        with the batched caption tensors in ``batch["embeds"]``; return the velocity prediction in
-        the same layout as the latents (``noise - latents`` is the target)."""
+    def predict(self, transformer: torch.nn.Module, inputs: StepInputs) -> Prediction:
+        """Run the transformer on ``inputs.noisy_latents`` (B, C, h, w) at ``inputs.sigmas`` (B,) with
+        the batched caption tensors in ``inputs.embeds``; return the velocity prediction in the
+        latents' layout (``noise − latents`` is the target), with any auxiliary loss terms."""
         raise NotImplementedError
+
+    def forward_tokens(self, inputs: StepInputs) -> ForwardTokens | None:
+        """Token counts of the forward pass :meth:`predict` will run on ``inputs`` (families with a
+        :meth:`token_layout` give them; routers read them through :func:`stune.step.current_forward`)."""
+        return None
 
     # -- outputs ------------------------------------------------------------------------------------
     def save_lora(self, output_dir: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
@@ -41,11 +41,13 @@ if TYPE_CHECKING:
 
     from stune.adapters import Adapter
     from stune.config import Config
-    from stune.family import Components, ModelFamily
+    from stune.family import Components, LoadRequest, ModelFamily
     from stune.features import TrainingFeature
+    from stune.layout import TokenLayout
     from stune.options import Options
-    from stune.quantize import Quantizer
+    from stune.quantize import Quantizer, QuantizeTarget
     from stune.state import TrainState
+    from stune.step import Prediction, StepInputs
 
 PROJECT = "stune"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -89,7 +91,7 @@ def register_quantizers(register: Callable[[type[Quantizer]], None]) -> None:
 
     :param register: call ``register(QuantizerClass)`` with a subclass of
         :class:`stune.quantize.Quantizer`; its ``precisions`` (e.g. ``int8-quanto``) become valid
-        values of ``base_model_precision`` and ``text_encoder_N_precision``.
+        values of ``base_model_precision`` and ``text_encoder_<N>_precision``.
     """
 
 
@@ -101,7 +103,8 @@ def register_features(register: Callable[[type[TrainingFeature]], None]) -> None
 
     :param register: call ``register(FeatureClass)`` with a subclass of
         :class:`stune.features.TrainingFeature`. The core asks each feature whether the config
-        enables it and checks that the model family provides what the feature requires.
+        enables it, checks that the model family declares what the feature requires, and drives
+        the enabled ones through the run (inputs, extra loss terms, metrics, checkpoints).
     """
 
 
@@ -140,34 +143,38 @@ def check_config(config: Config, family: ModelFamily) -> None:
 
 
 @hookspec(firstresult=True)
-def load_model(family: ModelFamily, config: Config, device: torch.device, text_encoders: bool) -> Components:
+def load_model(family: ModelFamily, config: Config, request: LoadRequest) -> Components:
     """Load the model components (text encoders, tokenizers, VAE, transformer, scheduler).
 
     Fires once, after :func:`check_config` and the dataset scan. *firstresult*: the first
-    non-None result wins; the default calls ``family.load(...)``. Implement it to load components
-    in a way the family does not know (a single-file checkpoint, a custom repository layout).
+    non-None result wins; the default calls ``family.load(request)``. Implement it to load
+    components in a way the family does not know (a single-file checkpoint, a custom layout).
 
     :param family: the model family instance.
     :param config: the validated configuration.
-    :param device: the accelerator device of this process.
-    :param text_encoders: whether text encoders are needed; false when every caption is already
-        in the text-embedding cache, which saves loading them (T5-XXL alone is 9 GB).
-    :returns: a :class:`stune.family.Components`; text encoders and the VAE on ``device``, the
+    :param request: a :class:`stune.family.LoadRequest`: the device, the weight dtype, whether
+        text encoders are needed (false when every caption is already cached, which saves
+        loading them: T5-XXL alone is 9 GB), and per component a load-time dtype or
+        quantization config from the quantizers (pass ``request.pretrained_kwargs(component)``
+        to ``from_pretrained``).
+    :returns: a :class:`stune.family.Components`; text encoders and the VAE on the device, the
         transformer on the CPU (the core moves it once the encoders are gone).
     """
 
 
 @hookspec
-def quantize(components: Components, family: ModelFamily, config: Config) -> None:
+def quantize(components: Components, family: ModelFamily, config: Config, targets: list[QuantizeTarget]) -> None:
     """Quantize loaded components in place.
 
     Fires once, right after :func:`load_model` and before caching and adapters (adapters are
-    always added on top of quantized weights). Collecting. The default dispatches
-    ``base_model_precision`` and ``text_encoder_N_precision`` to registered quantizers.
+    always added on top of quantized weights). Collecting. The default hands each target to the
+    quantizer registered for its precision, block by block.
 
     :param components: the loaded components; replace or modify modules in place.
     :param family: the model family instance (its quantization exclusions are data on it).
     :param config: the validated configuration.
+    :param targets: the :class:`stune.quantize.QuantizeTarget` components still to quantize
+        (those not already quantized while loading).
     """
 
 
@@ -177,9 +184,10 @@ def encode_text(
 ) -> list[dict[str, torch.Tensor]]:
     """Encode captions into the tensors the transformer is conditioned on.
 
-    Fires while the text-embedding cache is filled (training captions, the empty caption used for
-    caption dropout, validation prompts), once per batch of captions that is not cached yet.
-    *firstresult*: the default calls ``family.encode_prompts``.
+    Fires while the text-embedding cache is filled (training captions, validation prompts),
+    once per batch of captions that is not cached yet. *firstresult*: the default calls
+    ``family.encode_prompts``. (What a dropped caption trains on comes from
+    ``family.unconditional_embeds``.)
 
     :param family: the model family instance.
     :param components: loaded components (text encoders on the accelerator).
@@ -191,18 +199,21 @@ def encode_text(
 
 @hookspec(firstresult=True)
 def compute_loss(
-    prediction: torch.Tensor, target: torch.Tensor, batch: dict[str, Any], config: Config, state: TrainState
+    prediction: Prediction, inputs: StepInputs, family: ModelFamily, config: Config, state: TrainState
 ) -> torch.Tensor:
-    """Compute the scalar training loss of one micro-batch.
+    """Compute the scalar diffusion loss of one micro-batch.
 
-    Fires once per micro-step, after the transformer's forward pass. *firstresult*: the default
-    is the flow-matching mean squared error, weighted per element by ``batch["loss_weight"]``
-    when present. Use a wrapper (``@hookimpl(wrapper=True)``) to modify the loss the others
-    compute (masked loss, regularisation, auxiliary MoE losses).
+    Fires once per training micro-step, after the forward pass. *firstresult*: the default is
+    the mean squared error between ``prediction.velocity`` and ``inputs.target``, weighted per
+    element by ``inputs.loss_weight`` when present. Use a wrapper (``@hookimpl(wrapper=True)``)
+    to modify what the others compute. The prediction's auxiliary losses are added by the core
+    after this hook, with their weights.
 
-    :param prediction: the model's output, in latent layout ``(B, C, H, W)``.
-    :param target: the regression target in the same layout (``noise - latents``).
-    :param batch: the prepared batch (``latents``, ``noise``, ``sigmas``, embeddings, ``paths``…).
+    :param prediction: a :class:`stune.step.Prediction` (``velocity`` in latent layout).
+    :param inputs: the :class:`stune.step.StepInputs` the model saw; ``inputs.target`` is the
+        regression target (``noise - latents``, or the base model's prediction for
+        regularisation data).
+    :param family: the model family instance.
     :param config: the validated configuration.
     :param state: the training state (step, epoch).
     :returns: a scalar tensor to back-propagate.
@@ -210,15 +221,25 @@ def compute_loss(
 
 
 @hookspec
-def route_tokens(family: ModelFamily, transformer: torch.nn.Module, config: Config) -> None:
+def route_tokens(
+    family: ModelFamily,
+    transformer: torch.nn.Module,
+    layout: TokenLayout | None,
+    features: dict[str, TrainingFeature],
+    config: Config,
+) -> None:
     """Install token routing (e.g. TREAD) into the transformer.
 
-    Fires once, after adapters are added and before the optimizer is built. Collecting.
-    Implementations wrap modules once (never dispatch through pluggy per block); the family
-    declares which blocks may be routed (``family.routable_blocks``).
+    Fires once, after adapters and gradient checkpointing are in place and the features are
+    bound, before the optimizer is built. Collecting. A router installs module hooks on the
+    blocks ``layout`` names (never dispatching through pluggy per block) and routes only in
+    training forwards (:func:`stune.step.in_training_forward`).
 
     :param family: the model family instance.
     :param transformer: the trainable transformer (with adapters).
+    :param layout: the family's :class:`stune.layout.TokenLayout`, None if it declares none.
+    :param features: the run's enabled features by name (a router finds its own instance here:
+        its options, its seeded generator, its checkpointed state).
     :param config: the validated configuration.
     """
 

@@ -17,7 +17,7 @@ def enable_gradient_checkpointing(model: torch.nn.Module, interval: int | None) 
     model.enable_gradient_checkpointing()  # type: ignore[operator]
     if not interval or interval <= 1:
         return
-    checkpoint = model._gradient_checkpointing_func  # type: ignore[attr-defined]
+    checkpoint: Any = model._gradient_checkpointing_func
     calls = [0]
 
     def every_nth(block: Any, *args: Any) -> Any:

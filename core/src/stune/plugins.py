@@ -5,7 +5,7 @@ entry-point group in name order (so runs are reproducible whatever order the ins
 from ``--plugin`` names or ``.py`` files, and from objects handed in by tests. A plugin that fails
 to import is recorded with its error and reported by name. The host then calls the registration
 hooks once, plugin by plugin, so every registered family, quantizer, feature and option knows
-which plugin provided it. The lifecycle hooks are reached through ``host.hook``.
+which plugin provided it. The lifecycle hooks are reached through ``host.hooks`` (typed).
 
 Importing this module, building a host and listing plugins never import torch.
 """
@@ -27,6 +27,7 @@ import pluggy
 
 from stune import hookspecs
 from stune.errors import ConfigError, PluginLoadError, PluginNotInstalled
+from stune.hooks import Hooks
 from stune.options import Options, option_names
 
 if TYPE_CHECKING:
@@ -128,6 +129,8 @@ class PluginHost:
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
+        #: the lifecycle hooks, typed (``host.hooks.load_model(...)``)
+        self.hooks = Hooks(self.pm)
         self.infos: dict[str, PluginInfo] = {}
         self.catalog = load_catalog()
         self.families: dict[str, type[ModelFamily]] = {}
@@ -283,10 +286,6 @@ class PluginHost:
         return str(name)
 
     # -- questions -------------------------------------------------------------------------------
-    @property
-    def hook(self) -> Any:
-        """The lifecycle hooks (``host.hook.load_model(...)``); keyword arguments only."""
-        return self.pm.hook
 
     def listing(self, include_defaults: bool = False) -> list[dict[str, Any]]:
         infos = list(self.infos.values())

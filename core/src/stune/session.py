@@ -6,27 +6,27 @@ model, dataset or cache is touched.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stune.checks import check_run
 from stune.config import CoreOptions, find_config_file, read_config_file, validate_config
 from stune.errors import ConfigError
 from stune.family import ModelFamily
 from stune.features import TrainingFeature
 from stune.plugins import PluginHost
-from stune.publish import check_publish
-from stune.tracking import check_trackers
 
 
 @dataclass
 class Session:
+    """A checked run: its plugins, configuration, family and enabled features."""
+
     host: PluginHost
     config: CoreOptions
     family: ModelFamily
-    features: list[type[TrainingFeature]]
+    features: list[TrainingFeature]
     config_path: Path | None
 
 
@@ -49,31 +49,6 @@ def prepare(
     config.model_family = family_cls.name
     family = family_cls(config)
     family.apply_defaults()
-    family.check_config()
-    _check_precisions(config, host)
-    check_trackers(config)
-    check_publish(config)
-    features = [f for f in host.features.values() if f.enabled(config)]
-    for feature in features:
-        missing = feature.missing_requirements(family_cls)
-        if missing:
-            raise ConfigError(
-                f"The {feature.name} feature needs the {family_cls.name} family to declare {', '.join(missing)}; "
-                f"turn {feature.name} off for this family."
-            )
-    host.hook.check_config(config=config, family=family)
+    features = [feature(config, family) for feature in host.features.values() if feature.enabled(config)]
+    check_run(config, family, features, host)
     return Session(host=host, config=config, family=family, features=features, config_path=path)
-
-
-_PRECISION_KEY = re.compile(r"base_model_precision|text_encoder_\d+_precision")
-
-
-def _check_precisions(config: CoreOptions, host: PluginHost) -> None:
-    for key in type(config).model_fields:
-        if not _PRECISION_KEY.fullmatch(key):
-            continue
-        value = getattr(config, key)
-        if value in (None, "no_change") or value in host.quantizers:
-            continue
-        choices = ", ".join(["no_change", *sorted(host.quantizers)])
-        raise ConfigError(f"Option `{key}` = {value!r} is not an installed precision; choose one of: {choices}.")

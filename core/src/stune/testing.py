@@ -72,6 +72,24 @@ def make_images(folder: Path, count: int, size: tuple[int, int] = (64, 64), capt
     return paths
 
 
+def step_inputs(noisy_latents: Any, sigmas: Any, embeds: dict[str, Any], **fields: Any) -> Any:
+    """:class:`stune.step.StepInputs` for calling a family's ``predict`` directly: the given noisy
+    latents at ``sigmas`` (clean latents and noise zero unless given in ``fields``)."""
+    import torch
+
+    from stune.step import StepInputs
+
+    zeros = torch.zeros_like(noisy_latents, dtype=torch.float32)
+    values: dict[str, Any] = {
+        "latents": zeros,
+        "noise": zeros,
+        "target": zeros,
+        "generator": torch.Generator(noisy_latents.device).manual_seed(0),
+        **fields,
+    }
+    return StepInputs(noisy_latents=noisy_latents, sigmas=sigmas, embeds=embeds, **values)
+
+
 @pytest.fixture
 def stune_cli() -> Run:
     """``stune_cli(args, cwd=...)`` runs ``st-train`` offline in a subprocess."""

@@ -1,9 +1,12 @@
-"""The training run, top to bottom (DESIGN.md §3).
+"""The training run, read top to bottom (DESIGN.md §3).
 
-setup → scan datasets → load (+ quantize) → caches → drop text encoders → adapter (+ features)
-→ optimizer → resume → loop (batch → noise, σ → family forward → loss → backward → clip → step)
-→ export. Plugins take part through the hooks at phase boundaries; the step itself calls only
-the family's ``predict`` and the ``compute_loss`` hook.
+:func:`train` is the whole run in five phases — setup, data (scan, load, quantize, caches),
+model (adapter, features, optimizer, resume), loop, export — each a function below, in that
+order. The loop is written out: an optimizer step is ``gradient_accumulation_steps``
+micro-steps, each one batch → :class:`~stune.step.StepInputs` → features → forward → loss →
+backward. Plugins take part through the typed hooks at phase boundaries and through the
+objects they registered (family, quantizers, features); nothing in the step goes through pluggy
+except the ``compute_loss`` hook, once per micro-step.
 """
 
 from __future__ import annotations
@@ -14,132 +17,86 @@ import json
 import logging
 import math
 import os
-import random
 import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from stune import checkpoint, optim
+from stune import optim
 from stune._defaults import weight_dtype
 from stune.adapters import ADAPTERS, adapter_kind, create_adapter
+from stune.checks import check_datasets
 from stune.data.loader import BatchLoader, BatchPlan
 from stune.data.prepare import fill_caches, plan_caches, scan
-from stune.distributed import Processes
 from stune.ema import EMA
-from stune.errors import ConfigError, UserError
-from stune.evaluation import make_evaluator
-from stune.flow import noisy_inputs, resolution_shift, sample_sigmas
+from stune.errors import UserError
+from stune.evaluation import Evaluator, make_evaluator
+from stune.family import LoadRequest
+from stune.features import FeatureContext
 from stune.memory import enable_gradient_checkpointing
 from stune.metrics import MetricsLog
 from stune.publish import finish_run
+from stune.quantize import QuantizeTarget, plan_targets
+from stune.resume import resume, save_adapter, save_checkpoint
+from stune.run import Run, TrainResult, setup
 from stune.session import Session
 from stune.signals import StopRequest
 from stune.state import TrainState
+from stune.step import FlowStep, Predictor
 from stune.tracking import start_trackers
-from stune.validation import (
-    BASE_PREFIX,
-    benchmark_needed,
-    render,
-    rendered_prompts,
-    step_prefix,
-    validation_prompts,
-)
+from stune.validation import validate, validate_base_model, validation_prompts
 
 log = logging.getLogger("stune.train")
-EMA_STATE = "ema_state.safetensors"
 _SHARDED_ENGINES = ("DEEPSPEED", "FSDP", "XLA", "MEGATRON_LM")
-
-
-@dataclass
-class TrainResult:
-    output_dir: Path
-    adapter_files: list[Path]
-    final_step: int
-    checkpoints: list[Path] = field(default_factory=list)
-    validation_images: list[Path] = field(default_factory=list)
-    encoded_latents: int = 0
-    encoded_captions: int = 0
-    interrupted: int | None = None  # the signal that stopped the run early (a checkpoint was saved)
 
 
 class NonFiniteLoss(UserError):
     """The loss became NaN or infinite."""
 
 
-def _accelerator(mixed_precision: str) -> Any:
-    """An Accelerator for this run. accelerate keeps its precision in a process-wide singleton;
-    a second run in the same process (tests, notebooks) may ask for another precision, so that
-    part is cleared first. The process-group part (PartialState) is kept."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-    # accelerate only builds a multi-process CPU (gloo) group when told the run is on the CPU.
-    no_gpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
-    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(mixed_precision=mixed_precision, cpu=no_gpu and multi)
-
-
 def train(session: Session) -> TrainResult:
-    from accelerate.utils import set_seed
+    run = setup(session)
+    load_data(run)
+    build_model(run)
+    resume(run)
+    loop(run)
+    if run.result.interrupted is None:
+        export(run)
+    return run.result
 
-    config, family, host = session.config, session.family, session.host
-    output_dir = Path(config.output_dir)
-    started = time.perf_counter()
 
-    # -- setup --------------------------------------------------------------------------------
-    accelerator = _accelerator(config.mixed_precision)
-    device = accelerator.device
-    processes = Processes(accelerator.process_index, accelerator.num_processes, accelerator)
-    resume_from = checkpoint.resolve_resume(output_dir, config.resume_from_checkpoint)
-    resumed = checkpoint.read_state(resume_from) if resume_from else None
-    # A run without a seed picks one and records it, so a resumed run replays the same batches.
-    seed = int(resumed["seed"]) if resumed else (config.seed if config.seed is not None else random.randrange(2**31))
-    set_seed(seed)
+# -- data: scan, load (+ quantize), caches ------------------------------------------------------------
 
-    # -- data scan, model, caches ------------------------------------------------------------------
-    report = scan(config, family, accelerator.num_processes)  # fails fast, before any weights are read
-    kind = adapter_kind(config)
-    if not ADAPTERS[kind].can_disable and any(d.dataset.is_regularisation for d in report.training):
-        raise ConfigError(
-            "Regularisation datasets train towards the base model's prediction, which needs an adapter to switch "
-            "off; use model_type=lora, or remove is_regularisation_data."
-        )
-    prompts = validation_prompts(config)
-    cache_plan = plan_caches(config, family, report, list(prompts.values()))
+
+def load_data(run: Run) -> None:
+    session, config, family = run.session, run.session.config, run.session.family
+    device = run.accelerator.device
+    report = scan(config, family, run.processes.world)  # fails fast, before any weights are read
+    check_datasets(config, report, ADAPTERS[adapter_kind(config)].can_disable)
+    cache_plan = plan_caches(config, family, report, list(validation_prompts(config).values()))
     missing_captions = len(cache_plan.missing_captions)
     log.info("caches: %d latents and %d captions to encode", cache_plan.missing_latents, missing_captions)
-    components = host.hook.load_model(family=family, config=config, device=device, text_encoders=missing_captions > 0)
-    host.hook.quantize(components=components, family=family, config=config)
-    data = fill_caches(cache_plan, config, family, components, host, device, processes)
-    shares = processes.gather((data.encoded_latents, data.encoded_captions))
+
+    request = LoadRequest(device=device, weight_dtype=weight_dtype(config), text_encoders=missing_captions > 0)
+    after_load = _quantize_while_loading(run, request, plan_targets(config, family, device))
+    components = session.host.hooks.load_model(family=family, config=config, request=request)
+    session.host.hooks.quantize(components=components, family=family, config=config, targets=after_load)
+
+    data = fill_caches(cache_plan, config, family, components, session.host, device, run.processes)
+    shares = run.processes.gather((data.encoded_latents, data.encoded_captions))
     log.info(
         "caches filled: %d latents and %d captions encoded%s",
         sum(s[0] for s in shares),
         sum(s[1] for s in shares),
-        f" (per process: {shares})" if processes.world > 1 else "",
+        f" (per process: {shares})" if run.processes.world > 1 else "",
     )
-    if accelerator.is_main_process:
-        report.write(output_dir)
-    for ds in report.datasets:
-        for skipped in ds.skipped:
-            log.warning("dataset %s: skipped %s (%s) %s", ds.dataset.id, skipped.path, skipped.reason, skipped.detail)
-        for (w, h), count in ds.dropped_buckets.items():
-            log.warning(
-                "dataset %s: bucket %dx%d has %d samples, fewer than a batch of %d: not trained on",
-                ds.dataset.id,
-                w,
-                h,
-                count,
-                ds.effective_batch,
-            )
+    if run.accelerator.is_main_process:
+        report.write(run.output_dir)
+    report.log_problems()
     # Text encoders are not needed once every caption is cached; free their memory now.
     components.text_encoders.clear()
     if components.vae is not None and device.type != "cpu":
@@ -147,50 +104,73 @@ def train(session: Session) -> TrainResult:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    run.components, run.data = components, data
+    run.result.encoded_latents, run.result.encoded_captions = data.encoded_latents, data.encoded_captions
 
-    # -- adapter and features -------------------------------------------------------------------------
-    transformer = components.transformer.to(device)
+
+def _quantize_while_loading(run: Run, request: LoadRequest, targets: list[QuantizeTarget]) -> list[QuantizeTarget]:
+    """Put the quantizers' load-time dtypes and configs into ``request``; return what is left for after loading."""
+    after_load = []
+    for target in targets:
+        quantizer = run.session.host.quantizers[target.precision](run.session.config)
+        dtype = quantizer.load_dtype(target)
+        if dtype is not None:
+            request.dtypes[target.component] = dtype
+        load_config = quantizer.load_config(target)
+        if load_config is not None:
+            request.quantization[target.component] = load_config
+        else:
+            after_load.append(target)
+    return after_load
+
+
+# -- model: adapter, features, optimizer ------------------------------------------------------------
+
+
+def _feature_seed(seed: int, name: str, rank: int) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode()) + 7919 * rank) % 2**63
+
+
+def build_model(run: Run) -> None:
+    session, config, family, accelerator = run.session, run.session.config, run.session.family, run.accelerator
+    device = accelerator.device
+    assert run.components is not None and run.data is not None
+    transformer = run.components.transformer.to(device)
     adapter = create_adapter(transformer, family, config, optim.trainable_dtype(config))
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(transformer, config.gradient_checkpointing_interval)
-    host.hook.route_tokens(family=family, transformer=transformer, config=config)
+    for feature in session.features:
+        generator = torch.Generator(device).manual_seed(_feature_seed(run.seed, feature.name, run.processes.rank))
+        feature.bind(FeatureContext(device=device, seed=run.seed, rank=run.processes.rank, generator=generator))
+    session.host.hooks.route_tokens(
+        family=family,
+        transformer=transformer,
+        layout=family.token_layout(),
+        features={f.name: f for f in session.features},
+        config=config,
+    )
     transformer.train()
 
-    # -- optimizer, schedule --------------------------------------------------------------------------
     params = adapter.parameters()
     optimizer = optim.build_optimizer(params, config)
-    ema = None
     if config.use_ema:
         ema_device = device if config.ema_device == "accelerator" else torch.device("cpu")
-        ema = EMA(params, config.ema_decay, config.ema_update_interval, ema_device)
-
-    def save_adapter(folder: Path) -> list[Path]:
-        folder.mkdir(parents=True, exist_ok=True)
-        files: list[Path] = host.hook.save_adapter(
-            family=family,
-            transformer=accelerator.unwrap_model(transformer),
-            adapter=adapter,
-            output_dir=folder,
-            config=config,
-        )
-        return files
-
-    training_sets = [d.dataset for d in report.training]
-    plan = BatchPlan(
-        data.samples,
+        run.ema = EMA(params, config.ema_decay, config.ema_update_interval, ema_device)
+    training_sets = [d.dataset for d in run.data.report.training]
+    run.plan = BatchPlan(
+        run.data.samples,
         {ds.id: ds.batch_size for ds in training_sets},
-        seed,
+        run.seed,
         config.caption_dropout_probability,
         {ds.id: ds.entry.probability for ds in training_sets},
-        processes,
+        run.processes,
     )
-    accumulation = config.gradient_accumulation_steps
-    steps_per_epoch = max(1, plan.batches_per_epoch // accumulation)
-    max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
-    if max_steps <= 0:
+    steps_per_epoch = max(1, run.plan.batches_per_epoch // config.gradient_accumulation_steps)
+    run.max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
+    if run.max_steps <= 0:
         raise UserError("Nothing to train: set max_train_steps or num_train_epochs above 0.")
-    lr_scheduler = optim.build_lr_scheduler(optimizer, config, max_steps)
-    clip = optim.clips_gradients(config)
+    lr_scheduler = optim.build_lr_scheduler(optimizer, config, run.max_steps)
+    unwrapped = transformer
     if accelerator.distributed_type.value in _SHARDED_ENGINES:
         # DeepSpeed/FSDP build their engine from the model and the optimizer together.
         transformer, optimizer = accelerator.prepare(transformer, optimizer)
@@ -200,169 +180,105 @@ def train(session: Session) -> TrainResult:
         # costs ~0.5 ms per step (it probes installed packages on every step).
         if config.mixed_precision == "fp16":
             optimizer = accelerator.prepare(optimizer)
+    run.transformer, run.adapter, run.params = transformer, adapter, params
+    run.optimizer, run.lr_scheduler = optimizer, lr_scheduler
     # Each process draws its own noise and σ (identical noise on every process would waste the batch).
-    noise_generator = torch.Generator(device=device).manual_seed(seed + 7919 * processes.rank)
-    state = TrainState(max_train_steps=max_steps, output_dir=output_dir, is_main_process=accelerator.is_main_process)
-
-    # -- resume -----------------------------------------------------------------------------------------
-    if resume_from is not None and resumed is not None:
-        adapter.load(resume_from)
-        if ema is not None and (resume_from / EMA_STATE).is_file():
-            ema.load_state_dict(load_file(str(resume_from / EMA_STATE)))
-        optimizer.load_state_dict(resumed["optimizer"])
-        lr_scheduler.load_state_dict(resumed["lr_scheduler"])
-        own = checkpoint.read_state(resume_from, checkpoint.rng_file(processes.rank))
-        if own is not None:
-            checkpoint.restore_rng(own["rng"])
-            noise_generator.set_state(own["noise_generator"].to(noise_generator.get_state().device))
-        else:  # resumed with more processes than were saved: a fresh, still deterministic stream
-            log.warning(
-                "no random state for process %d in %s; noise continues from a new seed", processes.rank, resume_from
-            )
-            noise_generator.manual_seed(seed + 7919 * processes.rank + resumed["state"]["global_step"])
-        state.restore(resumed["state"])
-        log.info("resumed from %s at step %d", resume_from, state.global_step)
-
-    def save_checkpoint() -> Path:
-        def write(folder: Path) -> None:
-            save_adapter(folder)
-            if ema is not None:
-                save_file(ema.state_dict(), str(folder / EMA_STATE))
-            checkpoint.write_state(
-                folder,
-                {
-                    "seed": seed,
-                    "state": state.to_json(),
-                    "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": lr_scheduler.state_dict(),
-                },
-            )
-            (folder / "training_state.json").write_text(json.dumps({"seed": seed, **state.to_json()}, indent=2))
-
-        def write_each(folder: Path) -> None:
-            own = {"rng": checkpoint.capture_rng(), "noise_generator": noise_generator.get_state()}
-            checkpoint.write_state(folder, own, checkpoint.rng_file(processes.rank))
-
-        path = checkpoint.save(
-            output_dir, state.global_step, write, config.checkpoints_total_limit, processes, write_each
-        )
-        host.hook.on_checkpoint_saved(state=state, path=path)
-        return path
-
-    def validate(prefix: str | None = None) -> list[Path]:
-        """Render the validation prompts now (``prefix``: file-name prefix instead of the step's)."""
-        if not accelerator.is_main_process or not rendered_prompts(config):
-            return []
-        if components.vae is not None:
-            components.vae.to(device)
-
-        def draw(name: str | None) -> list[Path]:
-            model = accelerator.unwrap_model(transformer)
-            return render(family, components, model, config, data.text_cache, state.global_step, output_dir, name)
-
-        with_ema = ema is not None and config.ema_validation != "none" and prefix != BASE_PREFIX
-        images = [] if with_ema and config.ema_validation == "ema_only" else draw(prefix)
-        if with_ema and ema is not None:
-            with ema.applied():  # the EMA weights' images, named <step>-ema-…
-                images += draw(f"{prefix or step_prefix(state.global_step)}-ema")
-        if components.vae is not None and device.type != "cpu":
-            components.vae.to("cpu")
-        trackers.log_images(images, state.global_step)
-        host.hook.on_validation_done(state=state, images=images)
-        return images
-
-    shift_parameters = family.shift_parameters(components)
-    sigma_distribution = (
-        "uniform" if config.flow_use_uniform_schedule else "beta" if config.flow_use_beta_schedule else "logit-normal"
+    run.noise_generator = torch.Generator(device=device).manual_seed(run.seed + 7919 * run.processes.rank)
+    run.state = TrainState(
+        max_train_steps=run.max_steps, output_dir=run.output_dir, is_main_process=accelerator.is_main_process
     )
-    dtype = weight_dtype(config)
+    run.flow = FlowStep(family, config, run.components, device, weight_dtype(config))
+    # No-grad forwards (regularisation targets, rollouts, the eval loss) use the unwrapped model:
+    # a distributed wrapper's forward may start collective operations that other processes never join.
+    run.predictor = Predictor(family, transformer, adapter, accelerator.autocast, unwrapped=unwrapped)
 
-    def micro_step_loss(batch: dict[str, Any]) -> torch.Tensor:
-        mean = batch["latent_mean"].to(device, torch.float32, non_blocking=True)
-        std = batch["latent_std"].to(device, torch.float32, non_blocking=True)
-        latents = mean + std * torch.randn(mean.shape, generator=noise_generator, device=device)
-        noise = torch.randn(latents.shape, generator=noise_generator, device=device)
-        if config.flow_schedule_auto_shift:
-            seq_len = family.sequence_length(latents.shape[-2], latents.shape[-1])
-            shift = resolution_shift(seq_len, *shift_parameters)
-        else:
-            shift = config.flow_schedule_shift
-        sigmas = family.training_sigmas(latents.shape[0], noise_generator, device)
-        if sigmas is None:
-            sigmas = sample_sigmas(
-                latents.shape[0],
-                sigmoid_scale=config.flow_sigmoid_scale,
-                shift=shift,
-                generator=noise_generator,
-                device=device,
-                distribution=sigma_distribution,
-                beta=(config.flow_beta_schedule_alpha, config.flow_beta_schedule_beta),
-            )
-        embeds = {
-            k: v.to(device, dtype if v.is_floating_point() else v.dtype, non_blocking=True)
-            for k, v in batch["embeds"].items()
-        }
-        prepared = {
-            **batch,
-            "latents": latents,
-            "noise": noise,
-            "sigmas": sigmas,
-            "noisy_latents": noisy_inputs(latents, noise, sigmas).to(dtype),
-            "generator": noise_generator,  # for per-sample randomness inside predict (e.g. guidance)
-            "embeds": embeds,
-        }
-        if "loss_weight" in batch:
-            prepared["loss_weight"] = batch["loss_weight"].to(device, non_blocking=True)
-        target = noise - latents
-        if batch["is_regularisation"]:
-            # Prior preservation: the target is what the base model (adapter off) predicts here.
-            with torch.no_grad(), adapter.disabled(), accelerator.autocast():
-                target = family.predict(transformer, prepared).float()
-        with accelerator.autocast():
-            prediction = family.predict(transformer, prepared)
-        loss: torch.Tensor = host.hook.compute_loss(
-            prediction=prediction, target=target, batch=prepared, config=config, state=state
-        )
-        return loss
 
-    # -- loop ---------------------------------------------------------------------------------------------
-    loader = BatchLoader(plan, data.text_cache)
-    metrics = MetricsLog(output_dir, state.global_step) if accelerator.is_main_process else None
-    result = TrainResult(
-        output_dir, [], 0, encoded_latents=data.encoded_latents, encoded_captions=data.encoded_captions
+# -- checkpoints, validation, eval loss ---------------------------------------------------------------
+
+
+def evaluate(run: Run, evaluator: Evaluator | None, metrics: MetricsLog | None) -> None:
+    if evaluator is None or metrics is None or run.predictor is None:
+        return
+    outcome = evaluator.evaluate(run.predictor, run.state.global_step)
+    log.info("eval loss at step %d: %.6f", outcome.step, outcome.loss)
+    metrics.write(outcome.record())
+    run.trackers.log(outcome.record(), run.state.global_step)  # type: ignore[union-attr]
+
+
+# -- the loop ------------------------------------------------------------------------------------------
+
+
+def batch_stream(loader: BatchLoader, state: TrainState) -> Iterator[dict[str, Any]]:
+    """Batches across epochs from where ``state`` stands; counts them in ``state`` as they are taken."""
+    while True:
+        for batch in loader.iterate(state.epoch, state.batches_in_epoch):
+            state.batches_in_epoch += 1
+            yield batch
+        state.epoch += 1
+        state.batches_in_epoch = 0
+
+
+def micro_step(run: Run, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
+    """One micro-batch: inputs → features → forward → loss. Returns the loss to back-propagate,
+    the terms to log (detached) and the prediction's metrics."""
+    session, state, predictor, flow = run.session, run.state, run.predictor, run.flow
+    assert predictor is not None and flow is not None and run.noise_generator is not None
+    inputs = flow.inputs(batch, run.noise_generator)
+    for feature in session.features:
+        inputs = feature.prepare_inputs(inputs, predictor, state)
+    if inputs.is_regularisation:
+        # Prior preservation: the target is what the base model (adapter off) predicts here.
+        inputs = inputs.replace(target=predictor(inputs, adapter=False).velocity.float())
+    prediction = predictor(inputs, grad=True)
+    for feature in session.features:
+        prediction = feature.after_forward(inputs, prediction, state)
+    loss = session.host.hooks.compute_loss(
+        prediction=prediction, inputs=inputs, family=session.family, config=session.config, state=state
     )
+    terms = {"diffusion_loss": loss.detach()} if prediction.aux_losses else {}
+    for name, aux in prediction.aux_losses.items():
+        term = aux.weighted
+        terms[f"aux_loss/{name}"] = term.detach()
+        loss = loss + term
+    return loss, terms, prediction.metrics
+
+
+def _clip_and_measure(run: Run) -> float:
+    """Clip the gradients as configured; return their norm before clipping."""
+    config, accelerator, params = run.session.config, run.accelerator, run.params
+    clip = optim.clips_gradients(config)
+    if clip and config.grad_clip_method == "norm":
+        return float(accelerator.clip_grad_norm_(params, config.max_grad_norm))
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    if clip:
+        accelerator.clip_grad_value_(params, config.max_grad_norm)
+    return norm
+
+
+def loop(run: Run) -> None:
+    session, config, accelerator, state = run.session, run.session.config, run.accelerator, run.state
+    hooks, device = session.host.hooks, accelerator.device
+    assert run.plan is not None and run.data is not None and run.components is not None and run.flow is not None
+    accumulation = config.gradient_accumulation_steps
+    loader = BatchLoader(run.plan, run.data.text_cache)
+    metrics = MetricsLog(run.output_dir, state.global_step) if accelerator.is_main_process else None
     log.info(
         "training %d steps from step %d (%d batches per epoch, %d accumulation, seed %d); start-up took %.1f s",
-        max_steps,
+        run.max_steps,
         state.global_step,
-        plan.batches_per_epoch,
+        run.plan.batches_per_epoch,
         accumulation,
-        seed,
-        time.perf_counter() - started,
+        run.seed,
+        time.perf_counter() - run.started,
     )
-    trackers = start_trackers(config, accelerator, output_dir)
-    host.hook.on_train_start(state=state, config=config)
-    if accelerator.is_main_process and benchmark_needed(config, output_dir):
-        # Base-model images to compare the trained ones with: the adapter switched off (a full
-        # fine-tune holds the base weights only before its first step).
-        if ADAPTERS[kind].can_disable:
-            with adapter.disabled():
-                result.validation_images += validate(BASE_PREFIX)
-        elif state.global_step == 0:
-            result.validation_images += validate(BASE_PREFIX)
+    run.trackers = start_trackers(config, accelerator, run.output_dir)
+    hooks.on_train_start(state=state, config=config)
+    validate_base_model(run)
     # Every process builds it (a bad eval_dataset_id stops them all); only the main one evaluates.
-    evaluator = make_evaluator(family, components, config, data.eval_samples, data.text_cache, device)
-
-    def evaluate() -> None:
-        if evaluator is None or metrics is None:
-            return
-        outcome = evaluator.evaluate(accelerator.unwrap_model(transformer), state.global_step, accelerator.autocast)
-        log.info("eval loss at step %d: %.6f", outcome.step, outcome.loss)
-        metrics.write(outcome.record())
-        trackers.log(outcome.record(), state.global_step)
-
+    evaluator = make_evaluator(run.flow, run.components, config, run.data.eval_samples, run.data.text_cache)
     progress = tqdm(
-        total=max_steps,
+        total=run.max_steps,
         initial=state.global_step,
         desc="training",
         unit="step",
@@ -370,115 +286,115 @@ def train(session: Session) -> TrainResult:
         mininterval=0.1 if sys.stderr.isatty() else 5.0,  # a log file gets a line every few seconds
     )
     stop = StopRequest()
-    stop_handlers = contextlib.ExitStack()
-    stop_handlers.enter_context(stop.installed())
-    micro = samples_in_step = 0
-    loss_sum = torch.zeros((), device=device)
-    last_batch_paths: list[str] = []
+    batches = batch_stream(loader, state)
     step_started = time.perf_counter()
-    while state.global_step < max_steps:
-        for batch in loader.iterate(state.epoch, state.batches_in_epoch):
-            micro += 1
-            sync = micro == accumulation
-            with contextlib.nullcontext() if sync else accelerator.no_sync(transformer):
-                loss = micro_step_loss(batch)
-                accelerator.backward(loss / accumulation)
-            loss_sum += loss.detach()
-            samples_in_step += len(batch["paths"]) * accelerator.num_processes
-            last_batch_paths = batch["paths"]
-            state.batches_in_epoch += 1
-            if not sync:
-                continue
-            if clip and config.grad_clip_method == "norm":
-                grad_norm = float(accelerator.clip_grad_norm_(params, config.max_grad_norm))  # norm before clipping
-            else:
-                grads = [p.grad for p in params if p.grad is not None]
-                grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-                if clip:
-                    accelerator.clip_grad_value_(params, config.max_grad_norm)
-            step_lr = lr_scheduler.get_last_lr()[0]  # the rate this step was taken with
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+    with stop.installed(), contextlib.closing(batches):  # type: ignore[type-var]
+        while state.global_step < run.max_steps:
+            # -- one optimizer step: accumulate, clip, step ----------------------------------------
+            loss_sum = torch.zeros((), device=device)
+            term_sums: dict[str, torch.Tensor] = {}
+            metric_sums: dict[str, float] = {}
+            samples, paths = 0, []
+            for micro in range(accumulation):
+                batch = next(batches)
+                last = micro == accumulation - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(run.transformer):
+                    loss, terms, prediction_metrics = micro_step(run, batch)
+                    accelerator.backward(loss / accumulation)
+                loss_sum += loss.detach()
+                for name, value in terms.items():
+                    term_sums[name] = term_sums.get(name, 0) + value
+                for name, number in prediction_metrics.items():
+                    metric_sums[name] = metric_sums.get(name, 0.0) + number
+                samples += len(batch["paths"]) * accelerator.num_processes
+                paths = batch["paths"]
+            grad_norm = _clip_and_measure(run)
+            step_lr = run.lr_scheduler.get_last_lr()[0]  # the rate this step was taken with
+            run.optimizer.step()
+            run.lr_scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
             state.global_step += 1
-            if ema is not None:
-                ema.update(state.global_step)
+            if run.ema is not None:
+                run.ema.update(state.global_step)
+
+            # -- what the step did -------------------------------------------------------------------
             # The loss of the whole step: averaged over accumulation and over processes.
             step_loss = float(accelerator.reduce(loss_sum, "mean")) / accumulation
-            step_samples = samples_in_step
-            micro, loss_sum, samples_in_step = 0, torch.zeros((), device=device), 0
             if not math.isfinite(step_loss):
                 raise NonFiniteLoss(
-                    f"The loss became {step_loss} at step {state.global_step} (batch: {', '.join(last_batch_paths)}); "
+                    f"The loss became {step_loss} at step {state.global_step} (batch: {', '.join(paths)}); "
                     "lower learning_rate or check those images; the last good checkpoint is kept."
                 )
             now = time.perf_counter()
             seconds, step_started = now - step_started, now
-            record = {
+            record: dict[str, float] = {
                 "step": state.global_step,
                 "epoch": state.epoch,
                 "loss": step_loss,
                 "lr": step_lr,
                 "grad_norm": grad_norm,
                 "step_seconds": seconds,
-                "samples_per_second": step_samples / seconds if seconds > 0 else 0.0,
+                "samples_per_second": samples / seconds if seconds > 0 else 0.0,
             }
+            record.update({name: float(value) / accumulation for name, value in term_sums.items()})
+            record.update({name: number / accumulation for name, number in metric_sums.items()})
+            for feature in session.features:
+                record.update(feature.step_metrics())
             if metrics is not None:
                 metrics.write(record)
-                trackers.log(record, state.global_step)
-                host.hook.on_step_end(state=state, metrics=record)
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
+                run.trackers.log(record, state.global_step)
+                hooks.on_step_end(state=state, metrics=record)
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{step_lr:.2e}", refresh=False)
             progress.update(1)
-            at_end = state.global_step >= max_steps
-            interval = config.checkpoint_step_interval
-            if interval and state.global_step % interval == 0 and not at_end:
-                result.checkpoints.append(save_checkpoint())
-            v_interval = config.validation_step_interval
-            if v_interval and state.global_step % v_interval == 0 and not at_end:
-                result.validation_images += validate()
-            e_interval = config.eval_steps_interval
-            if e_interval and state.global_step % e_interval == 0 and not at_end:
-                evaluate()
-            if at_end:
+
+            # -- checkpoints, validation, eval loss, stopping ----------------------------------------
+            if state.global_step >= run.max_steps:
                 break
+            if _due(config.checkpoint_step_interval, state.global_step):
+                run.result.checkpoints.append(save_checkpoint(run))
+            if _due(config.validation_step_interval, state.global_step):
+                run.result.validation_images += validate(run)
+            if _due(config.eval_steps_interval, state.global_step):
+                evaluate(run, evaluator, metrics)
             stopped = stop.agreed(accelerator)
             if stopped is not None:
-                result.checkpoints.append(save_checkpoint())
-                result.interrupted = stopped
+                run.result.checkpoints.append(save_checkpoint(run))
+                run.result.interrupted = stopped
                 break
             step_started = time.perf_counter()  # time spent saving/validating is not step time
-        else:
-            state.epoch += 1
-            state.batches_in_epoch = 0
-            continue
-        break
     progress.close()
-    stop_handlers.close()
-    if result.interrupted is not None:
-        trackers.finish()
+    run.result.final_step = state.global_step
+    if run.result.interrupted is not None:
+        run.trackers.finish()
         if metrics is not None:
             metrics.close()
-        result.final_step = state.global_step
-        return result
-
-    # -- export ---------------------------------------------------------------------------------------
+        return
     if config.checkpoint_step_interval:
-        result.checkpoints.append(save_checkpoint())
-    result.validation_images += validate()
-    evaluate()
+        run.result.checkpoints.append(save_checkpoint(run))
+    run.result.validation_images += validate(run)
+    evaluate(run, evaluator, metrics)
+    if metrics is not None:
+        metrics.close()
+
+
+def _due(interval: int | None, step: int) -> bool:
+    return bool(interval) and step % interval == 0  # type: ignore[operator]
+
+
+# -- export ----------------------------------------------------------------------------------------------
+
+
+def export(run: Run) -> None:
+    session, accelerator, result, output_dir = run.session, run.accelerator, run.result, run.output_dir
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        result.adapter_files = save_adapter(output_dir)
-        if ema is not None:  # the EMA weights, in the same loadable format, beside the trained ones
-            with ema.applied():
-                result.adapter_files += save_adapter(output_dir / "ema")
-        (output_dir / "plugins.json").write_text(json.dumps(host.listing(), indent=2))
-        host.hook.on_train_end(state=state, output_dir=output_dir)
-        trackers.finish()
-        if metrics is not None:
-            metrics.close()
+        result.adapter_files = save_adapter(run, output_dir)
+        if run.ema is not None:  # the EMA weights, in the same loadable format, beside the trained ones
+            with run.ema.applied():
+                result.adapter_files += save_adapter(run, output_dir / "ema")
+        (output_dir / "plugins.json").write_text(json.dumps(session.host.listing(), indent=2))
+        session.host.hooks.on_train_end(state=run.state, output_dir=output_dir)
+        run.trackers.finish()  # type: ignore[union-attr]
     accelerator.wait_for_everyone()
-    result.final_step = state.global_step
-    finish_run(config, family, output_dir, result, accelerator.is_main_process)  # model card, Hub push
-    log.info("done: %d steps; adapter in %s", state.global_step, output_dir)
-    return result
+    finish_run(session.config, session.family, output_dir, result, accelerator.is_main_process)  # card, Hub push
+    log.info("done: %d steps; adapter in %s", run.state.global_step, output_dir)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from stune.config import CoreOptions
     from stune.data.cache import TextEmbedCache
     from stune.family import Components, ModelFamily
+    from stune.run import Run
 
 log = logging.getLogger("stune.validation")
 
@@ -181,3 +182,48 @@ def render(
         image.save(path)
     log.info("validation images (%s): %s", prefix, ", ".join(p.name for p in paths))
     return paths
+
+
+# -- during a run -------------------------------------------------------------------------------------
+
+
+def validate(run: Run, prefix: str | None = None) -> list[Path]:
+    """Render the validation prompts now (``prefix``: file-name prefix instead of the step's)."""
+    config, components, accelerator = run.session.config, run.components, run.accelerator
+    if not accelerator.is_main_process or not rendered_prompts(config):
+        return []
+    assert components is not None and run.data is not None and run.trackers is not None
+    device = accelerator.device
+    if components.vae is not None:
+        components.vae.to(device)
+
+    def draw(name: str | None) -> list[Path]:
+        model = accelerator.unwrap_model(run.transformer)
+        family, cache, step = run.session.family, run.data.text_cache, run.state.global_step  # type: ignore[union-attr]
+        return render(family, components, model, config, cache, step, run.output_dir, name)
+
+    ema = run.ema
+    with_ema = ema is not None and config.ema_validation != "none" and prefix != BASE_PREFIX
+    images = [] if with_ema and config.ema_validation == "ema_only" else draw(prefix)
+    if with_ema and ema is not None:
+        with ema.applied():  # the EMA weights' images, named <step>-ema-…
+            images += draw(f"{prefix or step_prefix(run.state.global_step)}-ema")
+    if components.vae is not None and device.type != "cpu":
+        components.vae.to("cpu")
+    run.trackers.log_images(images, run.state.global_step)
+    run.session.host.hooks.on_validation_done(state=run.state, images=images)
+    return images
+
+
+def validate_base_model(run: Run) -> None:
+    """Base-model images to compare the trained ones with: the adapter switched off (a full
+    fine-tune holds the base weights only before its first step)."""
+    config, adapter = run.session.config, run.adapter
+    if not run.accelerator.is_main_process or not benchmark_needed(config, run.output_dir):
+        return
+    assert adapter is not None
+    if adapter.can_disable:
+        with adapter.disabled():
+            run.result.validation_images += validate(run, BASE_PREFIX)
+    elif run.state.global_step == 0:
+        run.result.validation_images += validate(run, BASE_PREFIX)

@@ -14,10 +14,10 @@ from safetensors import safe_open
 
 import stune
 from stune.errors import ConfigError
-from stune.family import match_modules
+from stune.family import LoadRequest, match_modules
 from stune.plugins import PluginHost
 from stune.session import prepare
-from stune.testing import make_images, run_cli, write_run
+from stune.testing import make_images, run_cli, step_inputs, write_run
 from stune.train import train
 
 
@@ -116,8 +116,8 @@ def _host_recording_loads(calls: list[dict[str, Any]]) -> PluginHost:
         __name__ = "recorder"
 
         @stune.hookimpl(wrapper=True)
-        def load_model(self, text_encoders: bool) -> Any:
-            calls.append({"text_encoders": text_encoders})
+        def load_model(self, request: LoadRequest) -> Any:
+            calls.append({"text_encoders": request.text_encoders})
             return (yield)
 
     return PluginHost.build(["flux"], plugins=[Recorder()])
@@ -130,7 +130,7 @@ def test_second_run_encodes_nothing_and_resolution_change_reencodes(
     monkeypatch.chdir(run)
     calls: list[dict[str, Any]] = []
     first = train(prepare(host=_host_recording_loads(calls)))
-    assert (first.encoded_latents, first.encoded_captions) == (4, 5)  # 4 captions and the empty one
+    assert (first.encoded_latents, first.encoded_captions) == (4, 5)  # 4 captions and the dropped one
     cache_files = {p: p.stat().st_mtime_ns for p in (run / "cache").rglob("*.safetensors")}
     assert len(cache_files) == 9
 
@@ -141,6 +141,12 @@ def test_second_run_encodes_nothing_and_resolution_change_reencodes(
 
     third = train(prepare(overrides={"output_dir": "output3", "resolution": "128"}, host=_host_recording_loads(calls)))
     assert (third.encoded_latents, third.encoded_captions) == (4, 0)
+
+    # Text and latents have separate cache identities: a text-encoder option re-encodes captions only.
+    fourth = train(
+        prepare(overrides={"output_dir": "output4", "t5_padding": "zero"}, host=_host_recording_loads(calls))
+    )
+    assert (fourth.encoded_latents, fourth.encoded_captions) == (0, 5)
 
 
 def test_changed_image_is_reencoded(tmp_path: Path, tiny_flux_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -233,22 +239,17 @@ def test_attention_mask_and_t5_zero_padding(tiny_flux_dir: Path) -> None:
         t5_padding="zero",
         mixed_precision="no",
     )
-    components = family.load(torch.device("cpu"), torch.float32)
+    components = family.load(LoadRequest(torch.device("cpu"), torch.float32))
     [embeds] = family.encode_prompts(components, ["a red circle"])
     padding = embeds["attention_mask"] == 0
     assert padding.any() and torch.all(embeds["prompt_embeds"][padding] == 0)
 
-    batch = {
-        "noisy_latents": torch.randn(1, 16, 8, 8),
-        "sigmas": torch.tensor([0.5]),
-        "embeds": {k: v[None] for k, v in embeds.items()},
-    }
-    family.config.t5_padding = "unmodified"
+    family.options.t5_padding = "unmodified"
     [raw] = family.encode_prompts(components, ["a red circle"])
-    batch["embeds"] = {k: v[None] for k, v in raw.items()}
-    plain = family.predict(components.transformer, batch)
-    family.config.flux_attention_masked_training = True
-    masked = family.predict(components.transformer, batch)
+    inputs = step_inputs(torch.randn(1, 16, 8, 8), torch.tensor([0.5]), {k: v[None] for k, v in raw.items()})
+    plain = family.predict(components.transformer, inputs).velocity
+    family.options.flux_attention_masked_training = True
+    masked = family.predict(components.transformer, inputs).velocity
     assert plain.shape == masked.shape == (1, 16, 8, 8)
     assert not torch.allclose(plain, masked)  # padding tokens no longer attended to
 

@@ -22,9 +22,10 @@ from PIL import Image
 import stune
 from stune.data.prepare import fill_caches, plan_caches, scan
 from stune.evaluation import make_evaluator
-from stune.family import ValidationRequest
+from stune.family import LoadRequest, ValidationRequest
 from stune.plugins import PluginHost
 from stune.session import prepare
+from stune.step import FlowStep, Predictor, StepInputs
 from stune.testing import make_images
 from stune.train import TrainResult, train
 
@@ -49,8 +50,8 @@ class PathRecorder:
         self.paths: list[str] = []
 
     @stune.hookimpl(wrapper=True)
-    def compute_loss(self, batch: dict[str, Any]) -> Any:
-        self.paths += batch["paths"]
+    def compute_loss(self, inputs: StepInputs) -> Any:
+        self.paths += inputs.batch["paths"]
         return (yield)
 
 
@@ -177,29 +178,31 @@ def test_same_weights_give_the_same_eval_loss(
     config, family, host = session.config, session.family, session.host
     device = torch.device("cpu")
     report = scan(config, family)
-    components = host.hook.load_model(family=family, config=config, device=device, text_encoders=True)
+    components = host.hooks.load_model(family=family, config=config, request=LoadRequest(device, torch.float32))
     data = fill_caches(plan_caches(config, family, report, []), config, family, components, host, device)
-    evaluator = make_evaluator(family, components, config, data.eval_samples, data.text_cache, device)
+    flow = FlowStep(family, config, components, device, torch.float32)
+    evaluator = make_evaluator(flow, components, config, data.eval_samples, data.text_cache)
     assert evaluator is not None
     assert [s.image.name for s in evaluator.samples] == ["image_000.png", "image_001.png"]
     transformer = components.transformer
     transformer.train()
+    predictor = Predictor(family, transformer)
     torch.manual_seed(1234)
     rng = torch.get_rng_state()
-    first = evaluator.evaluate(transformer, 0)
+    first = evaluator.evaluate(predictor, 0)
     assert torch.equal(torch.get_rng_state(), rng)  # training's random stream is left alone
     assert transformer.training  # and the mode it was in
     torch.randn(100)  # whatever the global stream does in between
-    second = evaluator.evaluate(transformer, 0)
+    second = evaluator.evaluate(predictor, 0)
     assert (first.loss, first.per_sigma) == (second.loss, second.per_sigma)
     assert len(first.per_sigma) == 4 and first.per_sigma[0] != first.per_sigma[-1]
     with torch.no_grad():
         transformer.proj_out.weight.mul_(1.5)
-    assert evaluator.evaluate(transformer, 0).loss != first.loss
+    assert evaluator.evaluate(predictor, 0).loss != first.loss
 
-    assert make_evaluator(family, components, config, [], data.text_cache, device) is None  # no eval dataset
+    assert make_evaluator(flow, components, config, [], data.text_cache) is None  # no eval dataset
     config.eval_loss_disable = True
-    assert make_evaluator(family, components, config, data.eval_samples, data.text_cache, device) is None
+    assert make_evaluator(flow, components, config, data.eval_samples, data.text_cache) is None
 
 
 def test_base_images_once_and_kept_on_resume(tmp_path: Path, tiny_flux_dir: Path) -> None:
@@ -239,7 +242,7 @@ def test_true_cfg(tiny_flux_dir: Path) -> None:
     )
     family = host.family_class("flux")(config)
     family.apply_defaults()
-    components = family.load(torch.device("cpu"), torch.float32)
+    components = family.load(LoadRequest(torch.device("cpu"), torch.float32))
     positive, negative = family.encode_prompts(components, ["a red circle", "blurry, cropped, ugly"])
     request = ValidationRequest("x", "a red circle", positive, negative, 64, 64, seed=3)
     transformer = components.transformer
@@ -257,5 +260,5 @@ def test_true_cfg(tiny_flux_dir: Path) -> None:
     assert np.array_equal(render(4.0, 3), plain)  # CFG held off for all 3 steps: the plain image
     late = render(4.0, 1)
     assert not np.array_equal(late, plain) and not np.array_equal(late, cfg)
-    assert "forward" not in vars(transformer)  # the model is left as it was
+    assert not transformer._forward_hooks  # the model is left as it was
     assert np.array_equal(render(1.0, 0), plain)

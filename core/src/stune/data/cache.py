@@ -27,6 +27,9 @@ from tqdm.auto import tqdm
 
 from stune.data.buckets import SizePlan
 
+#: the caption key of what a dropped caption trains on (caption dropout); never a real caption
+DROPPED_CAPTION = "\x00(dropped caption)"
+
 
 def fingerprint(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:40]
@@ -78,16 +81,30 @@ def _bounded_map(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: list
 
 
 class TextEmbedCache:
-    """Caption → dict of tensors. Keeps the most recently used entries in memory."""
+    """Caption → dict of tensors. Keeps the most recently used entries in memory.
 
-    def __init__(self, folder: Path, identity: dict[str, Any], memory_entries: int = 256) -> None:
+    ``identity``: what shapes every entry (the text encoders); ``dropped_identity``: what also
+    shapes the :data:`DROPPED_CAPTION` entry (the family's unconditional-embedding options).
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        identity: dict[str, Any],
+        memory_entries: int = 256,
+        dropped_identity: dict[str, Any] | None = None,
+    ) -> None:
         self.folder = folder
         self.identity = identity
+        self.dropped_identity = dropped_identity or {}
         self._memory: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._memory_entries = memory_entries
 
     def path(self, caption: str) -> Path:
-        return self.folder / f"{fingerprint({'caption': caption, **self.identity})}.safetensors"
+        key: dict[str, Any] = {"caption": caption, **self.identity}
+        if caption == DROPPED_CAPTION:
+            key["unconditional"] = self.dropped_identity
+        return self.folder / f"{fingerprint(key)}.safetensors"
 
     def missing(self, captions: Iterable[str]) -> list[str]:
         return [c for c in dict.fromkeys(captions) if not self.path(c).is_file()]

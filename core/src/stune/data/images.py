@@ -39,8 +39,9 @@ def oriented_size(path: Path) -> tuple[int, int]:
 
 def load_rgb(path: Path) -> Image.Image:
     """Decode fully, apply EXIF orientation, convert any mode (RGBA over white, 16-bit, CMYK) to RGB."""
-    with Image.open(path) as img:
-        img.load()
+    with Image.open(path) as opened:
+        opened.load()
+        img: Image.Image = opened
         img = ImageOps.exif_transpose(img) or img
         if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
             rgba = img.convert("RGBA")

@@ -21,11 +21,9 @@ from typing import Any
 
 import torch
 
-from stune.data.cache import LatentCache, TextEmbedCache
+from stune.data.cache import DROPPED_CAPTION, LatentCache, TextEmbedCache
 from stune.distributed import Processes
 from stune.errors import UserError
-
-EMPTY_CAPTION = ""
 
 
 @dataclass
@@ -43,7 +41,7 @@ class Sample:
 class PlannedBatch:
     dataset_id: str
     indices: list[int]
-    captions: list[str]  # "" where caption dropout hit
+    captions: list[str]  # DROPPED_CAPTION where caption dropout hit
 
 
 class BatchPlan:
@@ -110,7 +108,7 @@ class BatchPlan:
         options = self.samples[index].captions
         pick = options[int(torch.randint(len(options), (1,), generator=gen))] if len(options) > 1 else options[0]
         dropped = float(torch.rand((), generator=gen)) < self.caption_dropout
-        return EMPTY_CAPTION if dropped else pick
+        return DROPPED_CAPTION if dropped else pick
 
 
 class BatchLoader:

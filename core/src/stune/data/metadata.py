@@ -148,7 +148,7 @@ class CaptionTable:
 
 def _read_rows(path: Path, dataset_id: str) -> list[dict[str, Any]]:
     if path.suffix.lower() in (".jsonl", ".json"):
-        rows = []
+        rows: list[dict[str, Any]] = []
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if line.strip():
                 try:
@@ -165,8 +165,8 @@ def _read_rows(path: Path, dataset_id: str) -> list[dict[str, Any]]:
             f"Dataset `{dataset_id}` reads {path}, which needs pyarrow; `pip install 'stune[parquet]'` "
             "or give the captions as a .jsonl file."
         ) from None
-    rows: list[dict[str, Any]] = pq.read_table(path).to_pylist()
-    return rows
+    table: list[dict[str, Any]] = pq.read_table(path).to_pylist()
+    return table
 
 
 def file_captions(path: Path, strategy: str, instance_prompt: str | None) -> list[str]:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from stune.data.cache import LatentCache, LatentJob, TextEmbedCache
+from stune.data.cache import DROPPED_CAPTION, LatentCache, LatentJob, TextEmbedCache
 from stune.data.images import load_mask, load_sample
-from stune.data.loader import EMPTY_CAPTION, Sample
+from stune.data.loader import Sample
 from stune.data.metadata import Skipped
 from stune.data.report import Report, scan_all
 from stune.distributed import Processes
@@ -69,8 +69,12 @@ def scan(config: CoreOptions, family: ModelFamily, processes: int | None = None)
 
 def plan_caches(config: CoreOptions, family: ModelFamily, report: Report, extra_prompts: list[str]) -> CachePlan:
     """Cache file of every image and caption; nothing is encoded yet."""
-    identity = family.cache_identity()
-    text_cache = TextEmbedCache(report.text_cache_dir, {"kind": "text", **identity})
+    text_cache = TextEmbedCache(
+        report.text_cache_dir,
+        {"kind": "text", **family.text_cache_identity()},
+        dropped_identity=family.unconditional_identity(),
+    )
+    latent_identity = {"kind": "latent", **family.latent_cache_identity()}
     jobs: dict[str, list[LatentJob]] = {}
     captions: list[str] = []
     trusted_latents: set[str] = set()
@@ -81,7 +85,7 @@ def plan_caches(config: CoreOptions, family: ModelFamily, report: Report, extra_
             continue
         cache = LatentCache(
             ds.latent_cache_dir,
-            {"kind": "latent", "vae_scale": family.vae_scale_factor, **identity},
+            latent_identity,
             hash_filenames=ds.entry.hash_filenames,
             root=ds.folder,
         )
@@ -95,7 +99,7 @@ def plan_caches(config: CoreOptions, family: ModelFamily, report: Report, extra_
         if "text" in ds.entry.skips:
             trusted_captions.update(dataset_captions)
     return CachePlan(
-        report, text_cache, jobs, [*captions, EMPTY_CAPTION, *extra_prompts], trusted_latents, trusted_captions
+        report, text_cache, jobs, [*captions, DROPPED_CAPTION, *extra_prompts], trusted_latents, trusted_captions
     )
 
 
@@ -148,12 +152,16 @@ def fill_caches(
         for encoder in components.text_encoders.values():
             encoder.to(device)
 
-    def encode_text(prompts: list[str]) -> list[dict[str, Any]]:
+    def encode_text(prompts: list[str]) -> list[dict[str, torch.Tensor]]:
+        captions = [p for p in prompts if p != DROPPED_CAPTION]
         with torch.no_grad():
-            out: list[dict[str, Any]] = host.hook.encode_text(
-                family=family, components=components, prompts=prompts, config=config
+            encoded = iter(
+                host.hooks.encode_text(family=family, components=components, prompts=captions, config=config)
+                if captions
+                else []
             )
-        return out
+            dropped = family.unconditional_embeds(components) if len(captions) < len(prompts) else {}
+        return [dropped if p == DROPPED_CAPTION else next(encoded) for p in prompts]
 
     captions = list(dict.fromkeys(c for c in plan.captions if c not in plan.trusted_captions))
     encoded_captions = plan.text_cache.fill(

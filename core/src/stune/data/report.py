@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,8 @@ from stune.errors import UserError
 if TYPE_CHECKING:
     from stune.config import CoreOptions
     from stune.family import ModelFamily
+
+log = logging.getLogger("stune.data")
 
 
 def world_size() -> int:
@@ -138,6 +141,23 @@ class Report:
         path = output_dir / "dataset_report.json"
         path.write_text(json.dumps(self.as_dict(), indent=2), encoding="utf-8")
         return path
+
+    def log_problems(self) -> None:
+        """Warn about every skipped file and every bucket too small to train on."""
+        for d in self.datasets:
+            for skipped in d.skipped:
+                log.warning(
+                    "dataset %s: skipped %s (%s) %s", d.dataset.id, skipped.path, skipped.reason, skipped.detail
+                )
+            for (w, h), count in d.dropped_buckets.items():
+                log.warning(
+                    "dataset %s: bucket %dx%d has %d samples, fewer than a batch of %d: not trained on",
+                    d.dataset.id,
+                    w,
+                    h,
+                    count,
+                    d.effective_batch,
+                )
 
     def check_trainable(self) -> None:
         """A dataset with no usable image, or datasets that cannot fill one batch, stop the run."""

@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from stune.errors import ConfigError, UserError
-from stune.family import Components, ModelFamily, ValidationRequest
+from stune.family import Components, LoadRequest, ModelFamily, TextEncoderSlot, ValidationRequest
+from stune.layout import Arg, BlockList, ForwardTokens, Segment, SideInput, TokenLayout
+from stune.step import Prediction, StepInputs
+from stune_flux.options import FluxOptions
 
 if TYPE_CHECKING:
     import torch
@@ -26,7 +29,7 @@ _FFS = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"
 _ALL = (*_ATTENTION[:3], "to_qkv", "add_qkv_proj", "add_k_proj", "add_q_proj", "add_v_proj", "to_out.0", "to_add_out")
 
 
-class FluxFamily(ModelFamily):
+class FluxFamily(ModelFamily[FluxOptions]):
     name = "flux"
     description = "FLUX.1 (dev, krea, schnell, kontext, fluxbooru, libreflux): CLIP-L + T5-XXL, 2×2 packed latents."
     flavours: ClassVar[dict[str, str]] = {
@@ -52,7 +55,7 @@ class FluxFamily(ModelFamily):
     }
     lora_preset_option = "flux_lora_target"
     default_lora_preset = "all"
-    routable_blocks = ("transformer_blocks", "single_transformer_blocks")
+    text_encoder_slots = (TextEncoderSlot("text_encoder", "CLIP-L"), TextEncoderSlot("text_encoder_2", "T5-XXL"))
     lycoris_module_aliases: ClassVar[dict[str, tuple[str, ...]]] = {"Attention": ("FluxAttention",)}
     quantization_exclusions = (
         "*.norm",
@@ -79,9 +82,9 @@ class FluxFamily(ModelFamily):
         if cfg.tokenizer_max_length is None:
             cfg.tokenizer_max_length = self.max_t5_tokens.get(self.flavour or "", 512)
         if self.flavour == "libreflux" and "flux_attention_masked_training" not in cfg.model_fields_set:
-            cfg.flux_attention_masked_training = True  # type: ignore[attr-defined]
+            self.options.flux_attention_masked_training = True
         if self.flavour == "schnell" and "flux_fast_schedule" not in cfg.model_fields_set:
-            cfg.flux_fast_schedule = True  # type: ignore[attr-defined]  # schnell was distilled on it
+            self.options.flux_fast_schedule = True  # schnell was distilled on it
 
     def check_config(self) -> None:
         super().check_config()
@@ -96,14 +99,29 @@ class FluxFamily(ModelFamily):
                 f"was trained with; use at most {limit}."
             )
 
-    def cache_identity(self) -> dict[str, Any]:
-        return {
-            **super().cache_identity(),
-            "t5_padding": self.config.t5_padding,  # type: ignore[attr-defined]
-        }
+    def text_cache_identity(self) -> dict[str, Any]:
+        return {**super().text_cache_identity(), "t5_padding": self.options.t5_padding}
+
+    def token_layout(self) -> TokenLayout:
+        """Both block lists take the image tokens alone (``hidden_states``) and the text separately;
+        the rotary embedding and the optional attention mask cover ``[text; image]``."""
+        side = (
+            SideInput(Arg("image_rotary_emb", 3), ("text", "image"), token_dim=0),
+            SideInput(Arg("joint_attention_kwargs", 4), ("text", "image"), token_dim=3, key="attention_mask"),
+        )
+        blocks = [
+            BlockList(name, Arg("hidden_states", 0), (Segment("image", routable=True),), output=1, side_inputs=side)
+            for name in ("transformer_blocks", "single_transformer_blocks")
+        ]
+        return TokenLayout(tuple(blocks), patch_size=2)
+
+    def forward_tokens(self, inputs: StepInputs) -> ForwardTokens:
+        h, w = inputs.noisy_latents.shape[-2:]
+        rows, cols = h // 2, w // 2
+        return ForwardTokens({"image": rows * cols, "text": inputs.embeds["prompt_embeds"].shape[1]}, (rows, cols))
 
     # -- loading -----------------------------------------------------------------------------------
-    def load(self, device: torch.device, weight_dtype: torch.dtype, text_encoders: bool = True) -> Components:
+    def load(self, request: LoadRequest) -> Components:
         import torch
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
@@ -117,25 +135,26 @@ class FluxFamily(ModelFamily):
                 "tokenizer_2": T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2", **common),
             }
             encoders: dict[str, Any] = {}
-            if text_encoders:
-                # T5 overflows in fp16; it runs in bf16 (or fp32) whatever the training precision.
-                t5_dtype = torch.bfloat16 if weight_dtype == torch.float16 else weight_dtype
+            if request.text_encoders:
                 encoders["text_encoder"] = CLIPTextModel.from_pretrained(
-                    path, subfolder="text_encoder", dtype=weight_dtype, **common
+                    path, subfolder="text_encoder", **request.pretrained_kwargs("text_encoder", "dtype"), **common
                 )
+                t5_kwargs = request.pretrained_kwargs("text_encoder_2", "dtype")
+                if t5_kwargs["dtype"] == torch.float16:  # T5 overflows in fp16; it runs in bf16 instead
+                    t5_kwargs["dtype"] = torch.bfloat16
                 encoders["text_encoder_2"] = T5EncoderModel.from_pretrained(
-                    path, subfolder="text_encoder_2", dtype=t5_dtype, **common
+                    path, subfolder="text_encoder_2", **t5_kwargs, **common
                 )
             vae_path = cfg.pretrained_vae_model_name_or_path or path
             vae = AutoencoderKL.from_pretrained(
-                vae_path, subfolder=_subfolder(vae_path, "vae"), torch_dtype=weight_dtype
+                vae_path, subfolder=_subfolder(vae_path, "vae"), torch_dtype=request.weight_dtype
             )
             if cfg.pretrained_transformer_model_name_or_path:
                 t_path, t_sub = cfg.pretrained_transformer_model_name_or_path, cfg.pretrained_transformer_subfolder
             else:
                 t_path, t_sub = path, "transformer"
             transformer = FluxTransformer2DModel.from_pretrained(
-                t_path, subfolder=t_sub, torch_dtype=weight_dtype, **common
+                t_path, subfolder=t_sub, **request.pretrained_kwargs("transformer"), **common
             )
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", **common)
         except (OSError, ValueError) as exc:
@@ -148,8 +167,8 @@ class FluxFamily(ModelFamily):
             module.requires_grad_(False)
             module.eval()
         for encoder in encoders.values():
-            encoder.to(device)
-        vae.to(device)
+            encoder.to(request.device)
+        vae.to(request.device)
         return Components(
             transformer=transformer, vae=vae, text_encoders=encoders, tokenizers=tokenizers, scheduler=scheduler
         )
@@ -172,7 +191,7 @@ class FluxFamily(ModelFamily):
         # The FLUX pipeline encodes without an attention mask; training must see the same embeddings.
         embeds = t5(t5_in.input_ids.to(t5.device), output_hidden_states=False)[0]
         mask = t5_in.attention_mask.to(embeds.device)
-        if self.config.t5_padding == "zero":  # type: ignore[attr-defined]
+        if self.options.t5_padding == "zero":
             embeds = embeds * mask.unsqueeze(-1).to(embeds.dtype)
         return [
             {
@@ -197,18 +216,19 @@ class FluxFamily(ModelFamily):
     def training_sigmas(self, batch_size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor | None:
         import torch
 
-        if not self.config.flux_fast_schedule:  # type: ignore[attr-defined]
+        if not self.options.flux_fast_schedule:
             return None
         table = torch.tensor(self.fast_schedule_sigmas, device=device)
         return table[torch.randint(len(table), (batch_size,), generator=generator, device=device)]
 
-    def predict(self, transformer: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    def predict(self, transformer: torch.nn.Module, inputs: StepInputs) -> Prediction:
         import torch
         from diffusers import FluxPipeline
 
-        latents = batch["noisy_latents"]
+        latents = inputs.noisy_latents
         b, c, h, w = latents.shape
-        embeds = batch["embeds"]
+        embeds = inputs.embeds
+        opts = self.options
         config = getattr(transformer, "module", transformer).config
         packed = FluxPipeline._pack_latents(latents, b, c, h, w)
         img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
@@ -216,22 +236,21 @@ class FluxFamily(ModelFamily):
         txt_ids = torch.zeros(text.shape[1], 3, device=latents.device, dtype=latents.dtype)
         guidance = None
         if config.guidance_embeds:
-            cfg: Any = self.config
-            if cfg.flux_guidance_mode == "random-range":
-                low, high = cfg.flux_guidance_min, cfg.flux_guidance_max
-                draw = torch.rand(b, generator=batch.get("generator"), device=latents.device)
+            if opts.flux_guidance_mode == "random-range":
+                low, high = opts.flux_guidance_min, opts.flux_guidance_max
+                draw = torch.rand(b, generator=inputs.generator, device=latents.device)
                 guidance = low + (high - low) * draw
             else:
-                guidance = torch.full((b,), cfg.flux_guidance_value, device=latents.device)
+                guidance = torch.full((b,), opts.flux_guidance_value, device=latents.device)
         attention = None
-        if self.config.flux_attention_masked_training:  # type: ignore[attr-defined]
+        if opts.flux_attention_masked_training:
             # Text padding is masked out; every image token is attended to.
             image_mask = torch.ones(b, packed.shape[1], device=latents.device, dtype=torch.bool)
             keep = torch.cat([embeds["attention_mask"].bool(), image_mask], dim=1)
             attention = {"attention_mask": keep[:, None, None, :]}
         out = transformer(
             hidden_states=packed,
-            timestep=batch["sigmas"].to(latents.dtype),  # the transformer multiplies by 1000
+            timestep=inputs.sigmas.to(latents.dtype),  # the transformer multiplies by 1000
             guidance=guidance,
             pooled_projections=embeds["pooled_prompt_embeds"],
             encoder_hidden_states=text,
@@ -240,9 +259,10 @@ class FluxFamily(ModelFamily):
             joint_attention_kwargs=attention,
             return_dict=False,
         )[0]
-        return FluxPipeline._unpack_latents(
+        velocity = FluxPipeline._unpack_latents(
             out, h * self.vae_scale_factor, w * self.vae_scale_factor, self.vae_scale_factor
         )
+        return Prediction(velocity)
 
     # -- outputs -----------------------------------------------------------------------------------------
     def save_lora(self, output_dir: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
@@ -269,7 +289,7 @@ class FluxFamily(ModelFamily):
         import torch
         from diffusers import FluxPipeline
 
-        cfg: Any = self.config
+        cfg, opts = self.config, self.options
         pipe = FluxPipeline(
             scheduler=components.scheduler,
             vae=components.vae,
@@ -282,39 +302,36 @@ class FluxFamily(ModelFamily):
         pipe.set_progress_bar_config(disable=True)
         device = next(transformer.parameters()).device
         dtype = components.vae.dtype
-        true_cfg = cfg.validation_guidance_real > 1.0
-        no_cfg_steps = cfg.validation_no_cfg_until_timestep if true_cfg else 0
+        true_cfg = opts.validation_guidance_real > 1.0
+        no_cfg_steps = opts.validation_no_cfg_until_timestep if true_cfg else 0
 
         # diffusers' true-CFG loop calls the transformer twice per step, prompt then negative. For
-        # the first steps the negative call hands back the prompt's prediction (not computed
-        # again), so neg + s·(pos − neg) is the plain prediction there.
+        # the first steps a forward hook hands back the prompt's prediction as the negative one,
+        # so neg + s·(pos − neg) is the plain prediction there.
         calls, last = 0, None
-        original_forward = transformer.forward
 
-        def forward(*args: Any, **kwargs: Any) -> Any:
+        def without_cfg(module: Any, args: Any, output: Any) -> Any:
             nonlocal calls, last
             step, negative = divmod(calls, 2)
             calls += 1
             if negative and step < no_cfg_steps:
                 return last
-            last = original_forward(*args, **kwargs)
-            return last
+            last = output
+            return output
 
         images = []
         for request in requests:
             extra: dict[str, Any] = {}
             if true_cfg and request.negative_embeds is not None:
                 extra = {
-                    "true_cfg_scale": cfg.validation_guidance_real,
+                    "true_cfg_scale": opts.validation_guidance_real,
                     "negative_prompt_embeds": request.negative_embeds["prompt_embeds"][None].to(device, dtype),
                     "negative_pooled_prompt_embeds": request.negative_embeds["pooled_prompt_embeds"][None].to(
                         device, dtype
                     ),
                 }
             calls, last = 0, None
-            own_forward = "forward" in vars(transformer)
-            if extra and no_cfg_steps:
-                transformer.forward = forward  # type: ignore[method-assign]
+            hook = transformer.register_forward_hook(without_cfg) if extra and no_cfg_steps else None
             try:
                 output = pipe(
                     prompt_embeds=request.embeds["prompt_embeds"][None].to(device, dtype),
@@ -329,10 +346,8 @@ class FluxFamily(ModelFamily):
                     **_preview_callback(pipe, request),
                 )
             finally:
-                if own_forward:
-                    transformer.forward = original_forward  # type: ignore[method-assign]
-                else:
-                    vars(transformer).pop("forward", None)
+                if hook is not None:
+                    hook.remove()
             images.append(output.images[0])
         return images
 

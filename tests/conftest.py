@@ -1,0 +1,31 @@
+"""Fixtures for the cross-package tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+TOY_PATH = Path(__file__).resolve().parent / "toy_family.py"
+
+
+def load_toy() -> ModuleType:
+    """Import tests/toy_family.py from its path (pytest runs with --import-mode=importlib), once."""
+    name = "stune_test_toy_family"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, TOY_PATH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def toy_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The toy DiT pipeline with random weights, saved once per test session."""
+    return load_toy().build_toy_model(tmp_path_factory.mktemp("toy-model") / "model")
