@@ -108,3 +108,16 @@ def test_apply_plan_gives_the_bucket_size() -> None:
     img = Image.new("RGB", (1000, 600))
     plan = plan_size(1000, 600, ds, 64, 2, "k")
     assert apply_plan(img, plan).size == plan.bucket
+
+
+def test_buckets_stay_within_a_family_canvas() -> None:
+    """A family with a largest canvas (HiDream: 1024²) never gets a bigger bucket, whatever the resolution."""
+    rng = random.Random(5)
+    canvas = 1024 * 1024
+    for _ in range(300):
+        aspect = math.exp(rng.uniform(-1.2, 1.2))
+        w, h = bucket_for_aspect(aspect, rng.choice([512, 1024, 1536, 2048]), "pixel_area", 64, canvas)
+        assert w * h <= canvas and w % 64 == 0 and h % 64 == 0
+        assert abs(math.log(w / h / aspect)) < 0.2
+    assert bucket_for_aspect(1.0, 2048, "pixel_area", 64, canvas) == (1024, 1024)
+    assert bucket_for_aspect(1.0, 512, "pixel_area", 64, canvas) == (512, 512)  # smaller ones are untouched

@@ -123,6 +123,7 @@ class ModelFamily(Generic[OptionsT]):
     * ``name``: the ``model_family`` value selecting it.
     * ``flavours`` / ``default_flavour``: ``model_flavour`` → Hub repository.
     * ``alignment``: image sides are multiples of this (aspect buckets round to it).
+    * ``maximum_canvas_pixels``: the largest width × height the model takes (buckets stay within it).
     * ``vae_scale_factor`` and ``latent_channels``: latent geometry.
     * ``text_encoder_slots``: the text encoders, in order (keys, precision options, exclusions).
     * ``lora_presets``: preset name → PEFT target module names; ``lora_preset_option`` names the
@@ -142,6 +143,7 @@ class ModelFamily(Generic[OptionsT]):
     flavours: ClassVar[dict[str, str]] = {}
     default_flavour: ClassVar[str | None] = None
     alignment: ClassVar[int] = 64
+    maximum_canvas_pixels: ClassVar[int | None] = None
     vae_scale_factor: ClassVar[int] = 8
     latent_channels: ClassVar[int] = 16
     text_encoder_slots: ClassVar[tuple[TextEncoderSlot, ...]] = ()

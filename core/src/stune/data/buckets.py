@@ -51,8 +51,11 @@ def in_unit(value: float, resolution_type: str) -> float:
     return value
 
 
-def bucket_for_aspect(aspect: float, resolution: float, resolution_type: str, alignment: int) -> tuple[int, int]:
-    """(width, height) of the bucket for ``aspect`` (w/h) at ``resolution``."""
+def bucket_for_aspect(
+    aspect: float, resolution: float, resolution_type: str, alignment: int, max_pixels: int | None = None
+) -> tuple[int, int]:
+    """(width, height) of the bucket for ``aspect`` (w/h) at ``resolution``, never above
+    ``max_pixels`` (a family's largest canvas) when given."""
     resolution = in_unit(resolution, resolution_type)
     if resolution_type == "pixel":
         short = resolution
@@ -60,6 +63,9 @@ def bucket_for_aspect(aspect: float, resolution: float, resolution_type: str, al
     else:
         area = resolution * 1_000_000 if resolution_type == "area" else resolution * resolution
         width, height = math.sqrt(area * aspect), math.sqrt(area / aspect)
+    if max_pixels and width * height > max_pixels:
+        shrink = math.sqrt(max_pixels / (width * height))
+        width, height = width * shrink, height * shrink
     # Of the aligned sizes around (width, height), keep the one closest in aspect (what would be
     # cropped away), then in area: rounding both sides independently can cut 5% of a tall image.
     candidates = [
@@ -67,6 +73,10 @@ def bucket_for_aspect(aspect: float, resolution: float, resolution_type: str, al
         for w in (math.floor(width / alignment) * alignment, math.ceil(width / alignment) * alignment)
         for h in (math.floor(height / alignment) * alignment, math.ceil(height / alignment) * alignment)
     ]
+    if max_pixels:
+        candidates = [c for c in candidates if c[0] * c[1] <= max_pixels] or [
+            min(candidates, key=lambda c: c[0] * c[1])
+        ]
     return min(
         candidates,
         key=lambda c: abs(math.log(c[0] / c[1] / aspect)) + 0.25 * abs(math.log(c[0] * c[1] / (width * height))),
@@ -95,9 +105,18 @@ def skip_reason(width: int, height: int, ds: ResolvedDataset) -> str | None:
     return None
 
 
-def plan_size(width: int, height: int, ds: ResolvedDataset, alignment: int, rounding: int, key: str) -> SizePlan:
+def plan_size(
+    width: int,
+    height: int,
+    ds: ResolvedDataset,
+    alignment: int,
+    rounding: int,
+    key: str,
+    max_pixels: int | None = None,
+) -> SizePlan:
     """The bucket of an image and how to resize and crop it there. ``key`` identifies the image
-    (random crop positions and random aspects are drawn from it, fixed across runs)."""
+    (random crop positions and random aspects are drawn from it, fixed across runs); buckets
+    stay within ``max_pixels`` when the family has a largest canvas."""
     entry = ds.entry
     aspect = width / height
     if entry.crop and entry.crop_aspect == "square":
@@ -110,7 +129,7 @@ def plan_size(width: int, height: int, ds: ResolvedDataset, alignment: int, roun
     else:  # no crop, or crop preserving the image's own aspect
         target_aspect = round(aspect, rounding) if rounding else aspect
         target_aspect = max(target_aspect, 10.0**-rounding if rounding else 1e-6)
-    bucket = bucket_for_aspect(target_aspect, ds.resolution, ds.resolution_type, alignment)
+    bucket = bucket_for_aspect(target_aspect, ds.resolution, ds.resolution_type, alignment, max_pixels)
 
     # Scale of the image before cropping. Without crop, the image is fitted to cover the bucket
     # (only alignment leftovers are cut). With crop, the crop is taken from the image at its own

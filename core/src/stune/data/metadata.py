@@ -202,7 +202,7 @@ def _subset_key(path: Path) -> str:
     return hashlib.sha256(str(path).encode()).hexdigest()
 
 
-def scan_dataset(ds: ResolvedDataset, alignment: int, rounding: int) -> Scan:
+def scan_dataset(ds: ResolvedDataset, alignment: int, rounding: int, max_pixels: int | None = None) -> Scan:
     """Every image of a dataset with its captions, size, mask and size plan; the rest skipped with a reason."""
     scan = Scan(dataset_id=ds.id)
     index = SizeIndex(ds)
@@ -247,7 +247,9 @@ def scan_dataset(ds: ResolvedDataset, alignment: int, rounding: int) -> Scan:
                 scan.skipped.append(Skipped(path, "missing mask", f"no mask for it in {ds.masks.folder}"))  # type: ignore[union-attr]
                 continue
         record = ImageRecord(path, with_instance_prompt(captions, ds), size[0], size[1], mask=mask)
-        record.plan = plan_size(size[0], size[1], ds, alignment, rounding, key=str(path.resolve()))
+        record.plan = plan_size(
+            size[0], size[1], ds, alignment, rounding, key=str(path.resolve()), max_pixels=max_pixels
+        )
         scan.records.append(record)
     index.save()
     limit = ds.entry.max_num_samples

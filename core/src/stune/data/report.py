@@ -191,7 +191,7 @@ def scan_all(config: CoreOptions, family: ModelFamily, processes: int | None = N
     reports = [
         DatasetReport(
             dataset=ds,
-            scan=scan_dataset(ds, family.alignment, config.aspect_bucket_rounding),
+            scan=scan_dataset(ds, family.alignment, config.aspect_bucket_rounding, family.maximum_canvas_pixels),
             effective_batch=ds.batch_size * effective,
         )
         for ds in listing.datasets

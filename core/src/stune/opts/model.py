@@ -30,6 +30,11 @@ class ModelOptions(Options):
     gradient_checkpointing_interval: int | None = Field(
         None, ge=1, description="Checkpoint only every N-th block (faster, more memory); default every block."
     )
+    i_know_what_i_am_doing: bool = Field(
+        False,
+        description="Unlock limits a family documents (e.g. a longer T5 token length than the model was trained "
+        "with); each unlocked limit is logged as a warning.",
+    )
     base_model_default_dtype: Literal["bf16", "fp32"] | None = Field(
         None, description="dtype of the frozen base weights; default: bf16 under bf16 mixed precision, else fp32."
     )
