@@ -72,6 +72,41 @@ def make_images(folder: Path, count: int, size: tuple[int, int] = (64, 64), capt
     return paths
 
 
+def venv_with_only(root: Path, distributions: Sequence[Path]) -> Path:
+    """A fresh virtual environment in which only the given stune distributions (folders such as
+    ``core`` and ``plugins/sd3``) are installed, editable and without dependencies; the running
+    environment's other packages (torch, diffusers, …) are shared through a path file, so nothing
+    is downloaded. Returns the environment's ``python``. Proves a plugin works without its siblings."""
+    import sysconfig
+    import venv
+
+    venv.create(root, with_pip=False)
+    python = root / "bin" / "python"
+    purelib = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
+    shared = root / "shared-site-packages"
+    shared.mkdir()
+    ours = Path(sysconfig.get_paths()["purelib"])
+    for entry in ours.iterdir():
+        name = entry.name.lower()
+        if name.startswith(("stune", "__editable__.stune")) or name.endswith(".pth"):
+            continue  # no stune distribution leaks in
+        (shared / entry.name).symlink_to(entry)
+    (purelib / "zz-shared.pth").write_text(f"{shared}\n")
+    # This environment's pip and setuptools install into the new one's prefix.
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--ignore-installed"]
+    pip += ["--prefix", str(root)]  # --ignore-installed: never uninstall them from this environment
+    for folder in distributions:
+        subprocess.run([*pip, "-e", str(folder)], check=True, env=offline_env({"PIP_DISABLE_PIP_VERSION_CHECK": "1"}))
+    return python
+
+
 def step_inputs(noisy_latents: Any, sigmas: Any, embeds: dict[str, Any], **fields: Any) -> Any:
     """:class:`stune.step.StepInputs` for calling a family's ``predict`` directly: the given noisy
     latents at ``sigmas`` (clean latents and noise zero unless given in ``fields``)."""
