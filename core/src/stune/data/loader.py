@@ -123,23 +123,28 @@ class BatchLoader:
         samples = [self.plan.samples[i] for i in batch.indices]
         return load_batch(samples, batch.captions, self.text_cache)
 
-    def iterate(self, epoch: int, start: int = 0) -> Iterator[dict[str, Any]]:
-        """Batches of ``epoch`` from position ``start`` on."""
-        planned = self.plan.epoch(epoch)[start:]
+    def _planned(self, epoch: int, start: int) -> Iterator[tuple[int, int, PlannedBatch]]:
+        while True:
+            for position, batch in enumerate(self.plan.epoch(epoch)[start:], start=start):
+                yield epoch, position, batch
+            epoch, start = epoch + 1, 0
+
+    def stream(self, epoch: int, start: int = 0) -> Iterator[tuple[int, int, dict[str, Any]]]:
+        """(epoch, position in the epoch, batch) from ``start`` of ``epoch`` on, epoch after epoch,
+        endlessly; one background thread loads ahead across epoch boundaries."""
         if self.prefetch <= 0:
-            for batch in planned:
-                yield self.load(batch)
+            for batch_epoch, position, batch in self._planned(epoch, start):
+                yield batch_epoch, position, self.load(batch)
             return
         out: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
 
         def worker() -> None:
             try:
-                for batch in planned:
+                for batch_epoch, position, batch in self._planned(epoch, start):
                     if stop.is_set():
                         return
-                    out.put(self.load(batch))
-                out.put(None)
+                    out.put((batch_epoch, position, self.load(batch)))
             except BaseException as exc:  # surface loader errors in the training thread
                 out.put(exc)
 
@@ -148,8 +153,6 @@ class BatchLoader:
         try:
             while True:
                 item = out.get()
-                if item is None:
-                    return
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -169,7 +172,7 @@ def load_batch(samples: list[Sample], captions: list[str], text_cache: TextEmbed
     batch: dict[str, Any] = {
         "latent_mean": torch.stack([x["mean"] for x in latents]),
         "latent_std": torch.stack([x["std"] for x in latents]),
-        "embeds": {key: torch.stack([e[key] for e in embeds]) for key in embeds[0]},
+        "embeds": text_cache.collate(embeds),
         "captions": captions,
         "paths": [str(s.image) for s in samples],
         "is_regularisation": samples[0].is_regularisation,
