@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 INSTALLED := $(VENV)/.stune-installed
 TEST_TOOLS := $(VENV)/.stune-test-tools
-PLUGINS := plugins/flux
+PLUGINS := plugins/flux plugins/tread
 export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
@@ -52,6 +52,7 @@ bench: $(INSTALLED)
 	$(PY) bench/step_overhead.py
 	$(PY) bench/data_pipeline.py
 	$(PY) bench/optimizers.py
+	$(PY) bench/tread.py
 
 clean:
 	rm -rf $(VENV) demo

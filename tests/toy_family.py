@@ -303,7 +303,8 @@ class ToyFamily(ModelFamily):
     def token_layout(self) -> TokenLayout:
         """Every block takes the image tokens alone (``x``); the text comes in by cross-attention
         and positions are added before the blocks, so nothing else needs subsetting."""
-        return TokenLayout((BlockList("blocks", Arg("x", 0), (Segment("image", routable=True),)),), patch_size=2)
+        blocks = BlockList("blocks", Arg("x", 0), (Segment("image", routable=True),), count_key="num_layers")
+        return TokenLayout((blocks,), patch_size=2)
 
     def forward_tokens(self, inputs: StepInputs) -> ForwardTokens:
         rows, cols = (side // 2 for side in inputs.noisy_latents.shape[-2:])

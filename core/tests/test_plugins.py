@@ -208,3 +208,33 @@ def test_the_typed_facade_covers_every_lifecycle_hook() -> None:
         assert list(inspect.signature(method).parameters)[1:] == list(
             inspect.signature(getattr(hookspecs, name)).parameters
         )
+
+
+def test_validators_of_the_same_name_in_two_plugins_are_refused() -> None:
+    """pydantic keeps one validator per method name in the merged config: a clash must not pass silently."""
+    from pydantic import field_validator
+
+    from stune.options import Field, Options
+
+    def plugin(name: str, key: str) -> Any:
+        class Model(Options):
+            __annotations__ = {key: int}
+            locals()[key] = Field(1, description="x")
+
+            @field_validator(key)
+            @classmethod
+            def _check(cls, value: int) -> int:
+                return value
+
+        class P:
+            __name__ = name
+
+            @stune.hookimpl
+            def register_options(self, register: Any) -> None:
+                register(Model)
+
+        return P()
+
+    host = PluginHost.build(entry_points=False, plugins=[plugin("a", "first_key"), plugin("b", "second_key")])
+    with pytest.raises(stune.ConfigError, match="both define an option validator named `_check`"):
+        host.config_model()

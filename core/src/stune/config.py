@@ -63,7 +63,17 @@ def build_config_model(option_models: list[tuple[str, type[Options]]]) -> type[C
     owners: dict[str, str] = {name: "core" for name in option_names(CoreOptions)}
     fields: dict[str, Any] = dict(CoreOptions.model_fields)
     bases: list[type[Options]] = []
+    # pydantic keeps validators by method name across the merged classes: two models with a
+    # validator of the same name would silently lose one of them.
+    validators: dict[str, str] = {name: "core" for name in _validator_names(CoreOptions)}
     for plugin, model in option_models:
+        for name in _validator_names(model):
+            if validators.get(name, plugin) != plugin and model not in bases:
+                raise ConfigError(
+                    f"Plugins `{validators[name]}` and `{plugin}` both define an option validator named `{name}`; "
+                    f"rename the one in `{plugin}` (prefix it with the option it checks)."
+                )
+            validators[name] = plugin
         for key in option_names(model):
             shared = key in fields and key in model.model_fields and _same_field(fields[key], model.model_fields[key])
             if key in owners and owners[key] != plugin and not shared:
@@ -77,6 +87,12 @@ def build_config_model(option_models: list[tuple[str, type[Options]]]) -> type[C
     if not bases:
         return CoreOptions
     return create_model("Config", __base__=(CoreOptions, *bases))  # type: ignore[call-overload,no-any-return,arg-type]
+
+
+def _validator_names(model: type[Options]) -> set[str]:
+    decorators = model.__pydantic_decorators__
+    names = set(decorators.field_validators) | set(decorators.model_validators)
+    return names - set(Options.__pydantic_decorators__.model_validators)  # the base class's, shared by all
 
 
 def _same_field(a: Any, b: Any) -> bool:

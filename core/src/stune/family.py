@@ -197,6 +197,21 @@ class ModelFamily(Generic[OptionsT]):
             raise ConfigError(f"{self.name} has no LoRA target preset `{preset}`; set peft_lora_target_modules.")
         return list(self.lora_presets[preset])
 
+    def transformer_config(self) -> dict[str, Any]:
+        """The transformer's ``config.json`` (block counts, sizes), read without loading any weight."""
+        from diffusers.configuration_utils import ConfigMixin
+
+        class _TransformerConfig(ConfigMixin):
+            config_name = "config.json"  # type: ignore[assignment]
+
+        if self.config.pretrained_transformer_model_name_or_path:
+            path = self.config.pretrained_transformer_model_name_or_path
+            subfolder = self.config.pretrained_transformer_subfolder
+        else:
+            path, subfolder = self.model_path(), "transformer"
+        loaded: Any = _TransformerConfig.load_config(path, subfolder=subfolder, revision=self.config.revision)
+        return dict(loaded)
+
     def token_layout(self) -> TokenLayout | None:
         """How the transformer's blocks take their tokens (see :mod:`stune.layout`); None when the
         family does not support token routing."""
@@ -239,6 +254,13 @@ class ModelFamily(Generic[OptionsT]):
     def encode_prompts(self, components: Components, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
         """Encode captions; one dict of tensors (no batch dimension, on the CPU) per caption."""
         raise NotImplementedError
+
+    def collate_embeds(self, entries: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Batch cached caption entries (as :meth:`encode_prompts` made them). Default: stack each
+        key. A family that caches variable-length entries pads them here (and adds the masks)."""
+        import torch
+
+        return {key: torch.stack([entry[key] for entry in entries]) for key in entries[0]}
 
     def unconditional_embeds(self, components: Components) -> dict[str, torch.Tensor]:
         """What a dropped caption trains on (caption dropout). Default: the encoding of ``""``."""

@@ -98,10 +98,19 @@ class BlockList:
     #: index of the tokens in the block's returned tuple; None when the block returns them alone
     output: int | None = None
     side_inputs: tuple[SideInput, ...] = ()
+    #: the transformer config key holding how many blocks the list has (to check layer indices
+    #: before any weight is loaded)
+    count_key: str | None = None
 
     @property
     def routable(self) -> Segment:
         return next(s for s in self.segments if s.routable)
+
+    def routable_tokens(self, args: tuple[Any, ...], kwargs: dict[str, Any], tokens: ForwardTokens) -> torch.Tensor:
+        """The routable segment of the block's token input, (B, count, D)."""
+        full: torch.Tensor = self.tokens.get(args, kwargs)
+        offset, count = segment_spans([s.name for s in self.segments], full.shape[1], tokens)[self.routable.name]
+        return full[:, offset : offset + count]
 
     def select(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], keep: torch.Tensor, tokens: ForwardTokens
@@ -179,11 +188,15 @@ class TokenLayout:
     def depth(self, transformer: torch.nn.Module) -> int:
         return sum(len(getattr(transformer, b.attribute)) for b in self.block_lists)
 
+    def depth_from_config(self, config: dict[str, Any]) -> int | None:
+        """The number of blocks from the transformer's config.json, if every list names its key."""
+        if any(b.count_key is None or not isinstance(config.get(b.count_key), int) for b in self.block_lists):
+            return None
+        return sum(int(config[b.count_key]) for b in self.block_lists if b.count_key is not None)
 
-def _positions(names: list[str], length: int, routable: str, keep: torch.Tensor, tokens: ForwardTokens) -> torch.Tensor:
-    """Sequence positions of the kept tokens in a sequence of ``length`` made of ``names`` segments."""
-    import torch
 
+def segment_spans(names: list[str], length: int, tokens: ForwardTokens) -> dict[str, tuple[int, int]]:
+    """(offset, count) of each of ``names`` in a sequence of ``length`` tokens made of them in order."""
     known = {n: tokens.counts[n] for n in names if n in tokens.counts}
     unknown = [n for n in names if n not in known]
     if len(unknown) > 1:
@@ -192,14 +205,23 @@ def _positions(names: list[str], length: int, routable: str, keep: torch.Tensor,
         known[unknown[0]] = length - sum(known.values())
     if sum(known.values()) != length:
         raise ValueError(f"segment counts {known} do not add up to the sequence length {length}")
-    parts, offset = [], 0
+    spans, offset = {}, 0
     for name in names:
-        count = known[name]
+        spans[name] = (offset, known[name])
+        offset += known[name]
+    return spans
+
+
+def _positions(names: list[str], length: int, routable: str, keep: torch.Tensor, tokens: ForwardTokens) -> torch.Tensor:
+    """Sequence positions of the kept tokens in a sequence of ``length`` made of ``names`` segments."""
+    import torch
+
+    parts = []
+    for name, (offset, count) in segment_spans(names, length, tokens).items():
         if name == routable:
             parts.append(keep.to(torch.long) + offset)
         else:
             parts.append(torch.arange(offset, offset + count, device=keep.device))
-        offset += count
     return torch.cat(parts)
 
 

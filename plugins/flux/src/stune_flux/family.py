@@ -110,8 +110,11 @@ class FluxFamily(ModelFamily[FluxOptions]):
             SideInput(Arg("joint_attention_kwargs", 4), ("text", "image"), token_dim=3, key="attention_mask"),
         )
         blocks = [
-            BlockList(name, Arg("hidden_states", 0), (Segment("image", routable=True),), output=1, side_inputs=side)
-            for name in ("transformer_blocks", "single_transformer_blocks")
+            BlockList(name, Arg("hidden_states", 0), (Segment("image", routable=True),), 1, side, count_key=count)
+            for name, count in (
+                ("transformer_blocks", "num_layers"),
+                ("single_transformer_blocks", "num_single_layers"),
+            )
         ]
         return TokenLayout(tuple(blocks), patch_size=2)
 
