@@ -154,7 +154,16 @@ class Lycoris(Adapter):
         linear_dim = int(kwargs.pop("linear_dim", 4))
         linear_alpha = float(kwargs.pop("linear_alpha", 1.0))
         preset = kwargs.pop("apply_preset", None) or {"target_module": ["Attention"]}
-        _apply_preset(LycorisNetwork, _alias_preset(preset, family))
+        _apply_preset(LycorisNetwork, _alias_layer_classes(_alias_preset(preset, family), transformer))
+        if _has_quantized_linear(transformer):
+            # A quantized weight cannot be merged with the LyCORIS delta on every forward (torchao's
+            # tensors have no `+`): run the base layer as is and add the adapter's output.
+            if str(kwargs.get("bypass_mode", True)).lower() in ("false", "0"):
+                raise ConfigError(
+                    f"The LyCORIS config {path} sets bypass_mode false, which cannot train on a quantized base; "
+                    "remove bypass_mode (it is turned on for quantized layers)."
+                )
+            kwargs["bypass_mode"] = True
         transformer.requires_grad_(False)
         network = create_lycoris(transformer, multiplier, linear_dim, linear_alpha, **kwargs)
         if not network.loras:
@@ -228,6 +237,10 @@ def _apply_preset(network_class: Any, preset: dict[str, Any]) -> None:
     unknown = sorted(set(preset) - set(defaults) - {"lora_prefix"})
     if unknown:
         raise ConfigError(f"`apply_preset` in the LyCORIS config has an unknown key `{unknown[0]}`.")
+    if "target_module" not in preset and (preset.get("name_algo_map") or preset.get("target_name")):
+        # A preset that picks modules by name means those modules only: lycoris's default target
+        # classes (every Linear, Conv and Norm) would adapt the whole model besides them.
+        preset = {**preset, "target_module": []}
     network_class.apply_preset({**defaults, **preset})
 
 
@@ -248,6 +261,36 @@ def _alias_preset(preset: dict[str, Any], family: ModelFamily) -> dict[str, Any]
     return out
 
 
+def _alias_layer_classes(preset: dict[str, Any], transformer: torch.nn.Module) -> dict[str, Any]:
+    """A torch layer class a preset names (``Linear``) also matches its subclasses in this model:
+    the quantized layers a quantization backend swapped in (quanto's ``QLinear``, bitsandbytes'
+    ``LinearNF4``), which LyCORIS matches by class name only."""
+    layers: dict[str, set[str]] = {}
+    for module in transformer.modules():
+        for base in type(module).__mro__[1:]:
+            if base.__module__.startswith("torch.nn.modules") and base is not torch.nn.Module:
+                layers.setdefault(base.__name__, set()).add(type(module).__name__)
+    out = dict(preset)
+    if "target_module" in out:
+        out["target_module"] = [a for n in out["target_module"] for a in (n, *sorted(layers.get(n, ())))]
+    if "module_algo_map" in out:
+        out["module_algo_map"] = {
+            alias: algo
+            for name, algo in out["module_algo_map"].items()
+            for alias in (name, *sorted(layers.get(name, ())))
+        }
+    return out
+
+
+def _has_quantized_linear(transformer: torch.nn.Module) -> bool:
+    """Whether a Linear layer holds quantized weights (a tensor subclass or a quantized layer class)."""
+    for module in transformer.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, torch.nn.Linear) and weight is not None and type(weight) is not torch.nn.Parameter:
+            return True
+    return False
+
+
 def _class_names(module: torch.nn.Module) -> str:
     names = sorted({type(m).__name__ for m in module.modules() if type(m).__module__.startswith("diffusers")})
     return ", ".join(names[:12])
@@ -260,10 +303,20 @@ def _init_lokr_norm(network: Any, scale: float) -> None:
             if not hasattr(module, "lokr_w1") or not hasattr(module, "lokr_w2"):
                 continue
             module.lokr_w1.fill_(1.0)
-            original = module.org_module[0].weight if isinstance(module.org_module, list) else module.org_module.weight
+            original = _dense_weight(module.org_module[0] if isinstance(module.org_module, list) else module.org_module)
             module.lokr_w2.normal_(0.0, float(original.float().std()) * scale)
             if getattr(module, "scalar", None) is not None and module.scalar.numel() == 1:
                 module.scalar.fill_(1.0)  # use_scalar starts at 0, which would hide the initialisation
+
+
+def _dense_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """The layer's weight as a plain tensor, dequantized if a quantization backend packed it."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    weight: torch.Tensor = dequantize_module_weight(layer)
+    if type(weight) not in (torch.Tensor, torch.nn.Parameter) and hasattr(weight, "dequantize"):
+        weight = weight.dequantize()  # quanto's tensors, which PEFT hands back as they are
+    return weight
 
 
 # -- full fine-tuning ----------------------------------------------------------------------------------------

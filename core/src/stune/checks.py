@@ -51,13 +51,38 @@ def check_run(config: CoreOptions, family: ModelFamily, features: list[TrainingF
     host.hooks.check_config(config=config, family=family)
 
 
-def check_datasets(config: CoreOptions, report: Report, can_disable_adapter: bool) -> None:
+def check_datasets(config: CoreOptions, family: ModelFamily, report: Report) -> None:
     """Rules that need the scanned dataset list."""
-    if not can_disable_adapter and any(d.dataset.is_regularisation for d in report.training):
+    from stune.adapters import ADAPTERS, adapter_kind
+
+    if not ADAPTERS[adapter_kind(config)].can_disable and any(d.dataset.is_regularisation for d in report.training):
         raise ConfigError(
             "Regularisation datasets train towards the base model's prediction, which needs an adapter to switch "
             "off; use model_type=lora, or remove is_regularisation_data."
         )
+    paired = [d.dataset for d in report.datasets if d.dataset.references is not None]
+    if paired and not family.takes_reference_images():
+        raise ConfigError(
+            f"Dataset `{paired[0].id}` pairs its images with reference images, which {family.name} "
+            f"({family.flavour or 'this flavour'}) does not train on; remove the reference conditioning_data, "
+            "or train an edit model (e.g. model_flavour kontext)."
+        )
+    if family.takes_reference_images():
+        if not any(d.dataset.references for d in report.training):
+            raise ConfigError(
+                f"{family.name} {family.flavour or ''} learns edits from (reference, edited) image pairs, and no "
+                "training dataset has reference images; add a conditioning dataset with conditioning_type "
+                "reference_strict or reference_loose and link it with conditioning_data."
+            )
+        from stune.validation import eval_references, rendered_prompts, validation_inputs
+
+        inputs = validation_inputs(config, eval_references(report))
+        missing = [n for n in rendered_prompts(config) if n not in inputs]
+        if missing:
+            raise ConfigError(
+                f"Validation prompt `{missing[0]}` has no input image to edit; set validation_input to an image, "
+                'give the prompt library entry an "image", or add an eval dataset with reference images.'
+            )
 
 
 def _check_lora_init(config: CoreOptions) -> None:

@@ -163,6 +163,7 @@ def cmd_check(argv: Sequence[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print the dataset report as JSON")
     parser.add_argument("--quick", action="store_true", help="read image headers only (skip full decoding)")
     args, rest = parser.parse_known_args(argv)
+    from stune.checks import check_datasets
     from stune.config import parse_overrides
     from stune.data.report import scan_all, verify_decoding
     from stune.session import prepare
@@ -173,6 +174,7 @@ def cmd_check(argv: Sequence[str]) -> int:
         verify_decoding(report)  # truncated files only show when decoded
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.as_text())
     report.check_trainable()
+    check_datasets(session.config, session.family, report)
     return 0
 
 

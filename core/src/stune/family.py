@@ -112,6 +112,8 @@ class ValidationRequest:
     #: with validation_preview: called with (sampling step, image) every ``preview_every`` steps
     preview: Callable[[int, Image.Image], None] | None = None
     preview_every: int = 0
+    #: edit models: the image the prompt is applied to
+    image: Path | None = None
 
 
 class ModelFamily(Generic[OptionsT]):
@@ -254,6 +256,11 @@ class ModelFamily(Generic[OptionsT]):
     def encode_prompts(self, components: Components, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
         """Encode captions; one dict of tensors (no batch dimension, on the CPU) per caption."""
         raise NotImplementedError
+
+    def takes_reference_images(self) -> bool:
+        """Whether :meth:`predict` trains on reference images (``inputs.conditioning["reference_latents"]``,
+        from datasets paired with a reference conditioning dataset): edit models such as FLUX Kontext."""
+        return False
 
     def collate_embeds(self, entries: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Batch cached caption entries (as :meth:`encode_prompts` made them). Default: stack each

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from stune import optim
 from stune._defaults import weight_dtype
-from stune.adapters import ADAPTERS, adapter_kind, create_adapter
+from stune.adapters import create_adapter
 from stune.checks import check_datasets
 from stune.data.loader import BatchLoader, BatchPlan
 from stune.data.prepare import fill_caches, plan_caches, scan
@@ -76,7 +76,7 @@ def load_data(run: Run) -> None:
     session, config, family = run.session, run.session.config, run.session.family
     device = run.accelerator.device
     report = scan(config, family, run.processes.world)  # fails fast, before any weights are read
-    check_datasets(config, report, ADAPTERS[adapter_kind(config)].can_disable)
+    check_datasets(config, family, report)
     cache_plan = plan_caches(config, family, report, list(validation_prompts(config).values()))
     missing_captions = len(cache_plan.missing_captions)
     log.info("caches: %d latents and %d captions to encode", cache_plan.missing_latents, missing_captions)

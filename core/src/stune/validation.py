@@ -22,11 +22,12 @@ import torch
 from PIL import Image
 
 from stune.family import ValidationRequest
-from stune.opts.validation import MAIN_NICKNAME, file_slug, load_prompt_library
+from stune.opts.validation import MAIN_NICKNAME, file_slug, load_prompt_images, load_prompt_library
 
 if TYPE_CHECKING:
     from stune.config import CoreOptions
     from stune.data.cache import TextEmbedCache
+    from stune.data.report import Report
     from stune.family import Components, ModelFamily
     from stune.run import Run
 
@@ -57,6 +58,34 @@ def validation_prompts(config: CoreOptions) -> dict[str, str]:
     if prompts:
         prompts[NEGATIVE_KEY] = config.validation_negative_prompt
     return prompts
+
+
+def validation_inputs(config: CoreOptions, eval_references: list[Path]) -> dict[str, Path]:
+    """Nickname → the input image an edit model applies the prompt to: the library entry's
+    ``image``, else ``validation_input`` (an image, or a folder of images named after the
+    nicknames), else the eval set's reference images in turn. Prompts without one are left out."""
+    prompts = rendered_prompts(config)
+    library = load_prompt_images(config.user_prompt_library) if config.user_prompt_library else {}
+    given = Path(config.validation_input) if config.validation_input else None
+    folder = {p.stem: p for p in sorted(given.iterdir()) if p.is_file()} if given and given.is_dir() else {}
+    inputs: dict[str, Path] = {}
+    for number, nickname in enumerate(prompts):
+        if nickname in library:
+            inputs[nickname] = library[nickname]
+        elif given is not None and given.is_file():
+            inputs[nickname] = given
+        elif folder:
+            match = folder.get(nickname) or folder.get(file_slug(nickname))
+            if match is not None:
+                inputs[nickname] = match
+        elif eval_references:
+            inputs[nickname] = eval_references[number % len(eval_references)]
+    return inputs
+
+
+def eval_references(report: Report) -> list[Path]:
+    """The reference images of the eval datasets, in order (default validation inputs of edit models)."""
+    return [r.reference for d in report.evaluation for r in d.usable if r.reference is not None]
 
 
 def validation_seed(config: CoreOptions) -> int:
@@ -132,10 +161,12 @@ def render(
     step: int,
     output_dir: Path,
     prefix: str | None = None,
+    inputs: dict[str, Path] | None = None,
 ) -> list[Path]:
     """Render every (prompt, resolution, image) and save it; return the written files.
 
-    ``prefix`` replaces ``step-<step>`` at the start of the file names (``base`` for the base model).
+    ``prefix`` replaces ``step-<step>`` at the start of the file names (``base`` for the base model);
+    ``inputs``: nickname → input image, for edit models.
     """
     prompts = rendered_prompts(config)
     if not prompts:
@@ -153,6 +184,7 @@ def render(
             width=width,
             height=height,
             seed=seed + i,
+            image=(inputs or {}).get(nickname),
         )
         for nickname, prompt in prompts.items()
         for width, height in config.validation_sizes
@@ -197,10 +229,13 @@ def validate(run: Run, prefix: str | None = None) -> list[Path]:
     if components.vae is not None:
         components.vae.to(device)
 
+    family = run.session.family
+    inputs = validation_inputs(config, eval_references(run.data.report)) if family.takes_reference_images() else None
+
     def draw(name: str | None) -> list[Path]:
         model = accelerator.unwrap_model(run.transformer)
-        family, cache, step = run.session.family, run.data.text_cache, run.state.global_step  # type: ignore[union-attr]
-        return render(family, components, model, config, cache, step, run.output_dir, name)
+        cache, step = run.data.text_cache, run.state.global_step  # type: ignore[union-attr]
+        return render(family, components, model, config, cache, step, run.output_dir, name, inputs)
 
     ema = run.ema
     with_ema = ema is not None and config.ema_validation != "none" and prefix != BASE_PREFIX

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from stune_tread.router import Tread
 
 from stune.errors import ConfigError
 from stune.family import LoadRequest
@@ -23,6 +22,7 @@ from stune.session import prepare
 from stune.step import Predictor, StepInputs
 from stune.testing import make_images, write_run
 from stune.train import train
+from stune_tread.router import Tread
 
 SEED_ROUTE = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}]}
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -319,3 +319,30 @@ def test_it_trains_with_lycoris_full_and_checkpoint_intervals(
         )
         monkeypatch.chdir(run)
         assert train(prepare(host=PluginHost.build(["flux", "tread"]))).final_step == 1, name
+
+
+def test_kontext_reference_tokens_are_never_routed(tiny_models: dict[str, Path]) -> None:
+    family = _family("flux", tiny_models["flux"], model_flavour="kontext")
+    reference = torch.randn(2, 16, 8, 12, generator=torch.Generator().manual_seed(3))
+
+    def loaded() -> tuple[torch.nn.Module, StepInputs]:
+        components = family.load(LoadRequest(torch.device("cpu"), torch.float32))
+        transformer = components.transformer.train().requires_grad_(True)
+        inputs = _inputs(family, components, 64, 64)
+        return transformer, inputs.replace(conditioning={"reference_latents": reference})
+
+    transformer, inputs = loaded()
+    plain, plain_grads = _run(family, transformer, inputs)
+    _router(family, transformer, {"routes": [{"selection_ratio": 0.0, "start_layer_idx": 0, "end_layer_idx": -1}]})
+    routed, routed_grads = _run(family, transformer, inputs)
+    assert torch.allclose(routed, plain, atol=1e-5, rtol=1e-4)
+    for a, b in zip(routed_grads, plain_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-3)
+
+    transformer, inputs = loaded()
+    _router(family, transformer, {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 0, "end_layer_idx": -1}]})
+    seen: list[int] = []
+    first = next(iter(family.token_layout().blocks(transformer)))[2]
+    first.register_forward_pre_hook(lambda m, a, k: seen.append(k["hidden_states"].shape[1]), with_kwargs=True)
+    Predictor(family, transformer)(inputs, grad=True)
+    assert seen == [8 + 24]  # half of the 16 image tokens, and all 24 reference tokens

@@ -80,11 +80,16 @@ def _bounded_map(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: list
         yield pending.popleft().result()
 
 
+def _stack(entries: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([entry[key] for entry in entries]) for key in entries[0]}
+
+
 class TextEmbedCache:
     """Caption → dict of tensors. Keeps the most recently used entries in memory.
 
     ``identity``: what shapes every entry (the text encoders); ``dropped_identity``: what also
-    shapes the :data:`DROPPED_CAPTION` entry (the family's unconditional-embedding options).
+    shapes the :data:`DROPPED_CAPTION` entry (the family's unconditional-embedding options);
+    ``collate``: how entries become a batch (the family's ``collate_embeds``; default: stacked).
     """
 
     def __init__(
@@ -93,10 +98,12 @@ class TextEmbedCache:
         identity: dict[str, Any],
         memory_entries: int = 256,
         dropped_identity: dict[str, Any] | None = None,
+        collate: Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]] | None = None,
     ) -> None:
         self.folder = folder
         self.identity = identity
         self.dropped_identity = dropped_identity or {}
+        self.collate = collate or _stack
         self._memory: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._memory_entries = memory_entries
 

@@ -86,9 +86,15 @@ class DatasetConfig(Options):
     )
     hash_filenames: bool = Field(True, description="Name cache files by hash only (else mirror the image path).")
     train_batch_size: int | None = Field(None, gt=0, description="Batch size for this dataset's batches.")
-    conditioning_data: str | None = Field(None, description="id of the conditioning dataset paired with this one.")
-    conditioning_type: Literal["mask"] | None = Field(
-        None, description="mask: a grayscale image per training image weighting the loss (white = train)."
+    conditioning_data: list[str] | None = Field(
+        None,
+        description="id (or list of ids: a mask and a reference set) of the conditioning datasets paired with this one.",
+    )
+    conditioning_type: Literal["mask", "reference_strict", "reference_loose"] | None = Field(
+        None,
+        description="mask: a grayscale image per training image weighting the loss (white = train); "
+        "reference_strict: the image an edit starts from, same file name and size (cropped like its target); "
+        "reference_loose: the same, with its own size and bucket (FLUX Kontext).",
     )
     source_dataset_id: str | None = Field(None, description="For conditioning datasets: the image dataset.")
 
@@ -103,12 +109,8 @@ class DatasetConfig(Options):
 
     @field_validator("conditioning_data", mode="before")
     @classmethod
-    def _one_conditioning(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            if len(value) != 1:
-                raise ValueError("`conditioning_data` takes one conditioning dataset id")
-            return value[0]
-        return value
+    def _conditioning_ids(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _rules(self) -> DatasetConfig:
@@ -124,7 +126,9 @@ class DatasetConfig(Options):
         ):
             raise ValueError(f"{where}: `minimum_aspect_ratio` is larger than maximum_aspect_ratio")
         if self.dataset_type == "conditioning" and self.conditioning_type is None:
-            raise ValueError(f"{where} is a conditioning dataset; set `conditioning_type` (mask)")
+            raise ValueError(
+                f"{where} is a conditioning dataset; set `conditioning_type` (mask, reference_strict or reference_loose)"
+            )
         words = self.skip_file_discovery.replace(",", " ").split()
         unknown = [w for w in words if w not in SKIP_DISCOVERY_WORDS]
         if unknown:
@@ -175,7 +179,8 @@ class ResolvedDataset:
         root = Path(config.cache_dir_vae) if config.cache_dir_vae else Path(config.cache_dir) / "vae"
         self.latent_cache_dir = Path(entry.cache_dir_vae) if entry.cache_dir_vae else root / entry.id
         self.text_cache_dir = text_cache_dir
-        self.masks: ResolvedDataset | None = None  # the linked conditioning dataset (masked loss)
+        self.masks: ResolvedDataset | None = None  # the linked mask dataset (masked loss)
+        self.references: ResolvedDataset | None = None  # the linked reference images (edit pairs)
         needs_prompt = self.caption_strategy == "instanceprompt" or entry.prepend_instance_prompt
         if (needs_prompt or entry.only_instance_prompt) and not self.instance_prompt:
             raise ConfigError(f"Dataset `{self.id}` uses its instance prompt; set `instance_prompt` on it.")
@@ -245,17 +250,34 @@ def resolve_datasets(config: CoreOptions) -> DatasetList:
     if not any(ds.kind == "image" for ds in datasets):
         raise ConfigError(f"The dataset list {path} has no enabled image dataset; add one with instance_data_dir.")
     by_id = {ds.id: ds for ds in datasets}
+    for ds in datasets:  # a conditioning dataset may name its image dataset instead (source_dataset_id)
+        source = by_id.get(ds.entry.source_dataset_id or "") if ds.kind == "conditioning" else None
+        if (
+            ds.kind == "conditioning"
+            and ds.entry.source_dataset_id
+            and (source is None or source.kind == "conditioning")
+        ):
+            raise ConfigError(
+                f"Conditioning dataset `{ds.id}` names source_dataset_id `{ds.entry.source_dataset_id}`, which is not "
+                f"an enabled image or eval dataset in {path}; fix the id."
+            )
+        if source is not None and ds.id not in (source.entry.conditioning_data or []):
+            source.entry.conditioning_data = [*(source.entry.conditioning_data or []), ds.id]
     for ds in datasets:
         if not ds.folder.is_dir():
             raise ConfigError(f"Dataset `{ds.id}`: the folder {ds.folder} does not exist; fix instance_data_dir.")
-        link = ds.entry.conditioning_data
-        if link is None:
-            continue
-        target = by_id.get(link)
-        if target is None or target.kind != "conditioning":
-            raise ConfigError(
-                f"Dataset `{ds.id}` names conditioning_data `{link}`, which is not an enabled conditioning dataset "
-                f"in {path}; add it with dataset_type=conditioning and conditioning_type=mask."
-            )
-        ds.masks = target
+        for link in ds.entry.conditioning_data or []:
+            target = by_id.get(link)
+            if target is None or target.kind != "conditioning":
+                raise ConfigError(
+                    f"Dataset `{ds.id}` names conditioning_data `{link}`, which is not an enabled conditioning dataset "
+                    f"in {path}; add it with dataset_type=conditioning and a conditioning_type."
+                )
+            role = "masks" if target.entry.conditioning_type == "mask" else "references"
+            if getattr(ds, role) is not None:
+                raise ConfigError(
+                    f"Dataset `{ds.id}` links two {role[:-1]} datasets (`{getattr(ds, role).id}` and `{link}`); "
+                    "keep one of each kind in conditioning_data."
+                )
+            setattr(ds, role, target)
     return DatasetList(datasets, text_dir, text_batch)

@@ -32,9 +32,10 @@ class Sample:
     image: Path
     latent_path: Path
     captions: list[str]
-    size: tuple[int, int]  # (width, height) of the training crop
+    size: tuple[int, ...]  # (width, height) of the training crop (+ its reference's, when it has its own)
     is_regularisation: bool = False
     has_mask: bool = False
+    reference_latent_path: Path | None = None  # the cached latent of the image an edit starts from
 
 
 @dataclass
@@ -62,7 +63,7 @@ class BatchPlan:
         self.seed = seed
         self.caption_dropout = caption_dropout
         self.probabilities = {k: v for k, v in (probabilities or {}).items()}
-        self.groups: dict[str, dict[tuple[int, int], list[int]]] = {}
+        self.groups: dict[str, dict[tuple[int, ...], list[int]]] = {}
         for index, sample in enumerate(samples):
             self.groups.setdefault(sample.dataset_id, {}).setdefault(sample.size, []).append(index)
         self.dropped_buckets = {
@@ -166,7 +167,9 @@ class BatchLoader:
 
 
 def load_batch(samples: list[Sample], captions: list[str], text_cache: TextEmbedCache) -> dict[str, Any]:
-    """A batch of cached latents, caption embeddings and (if the dataset has masks) loss weights."""
+    """A batch of cached latents, caption embeddings, loss weights (datasets with masks) and the
+    latents of reference images (edit pairs: ``batch["conditioning"]["reference_latents"]``, the
+    distribution's mean — a reference is an input, not something to sample)."""
     latents = [LatentCache.load(s.latent_path) for s in samples]
     embeds = [text_cache.load(c) for c in captions]
     batch: dict[str, Any] = {
@@ -179,4 +182,8 @@ def load_batch(samples: list[Sample], captions: list[str], text_cache: TextEmbed
     }
     if samples[0].has_mask:
         batch["loss_weight"] = torch.stack([x["mask"] for x in latents]).unsqueeze(1).float()
+    references = [s.reference_latent_path for s in samples]
+    if references[0] is not None:
+        means = [LatentCache.load(path)["mean"] for path in references if path is not None]
+        batch["conditioning"] = {"reference_latents": torch.stack(means)}
     return batch

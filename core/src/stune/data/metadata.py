@@ -32,6 +32,21 @@ class ImageRecord:
     height: int
     plan: SizePlan | None = None
     mask: Path | None = None
+    reference: Path | None = None  # the image an edit starts from (reference datasets)
+    reference_plan: SizePlan | None = None
+
+    @property
+    def group(self) -> tuple[int, ...]:
+        """What a batch must share: the bucket, and the reference's bucket when it has its own."""
+        assert self.plan is not None
+        if self.reference_plan is None or self.reference_plan.bucket == self.plan.bucket:
+            return self.plan.bucket
+        return (*self.plan.bucket, *self.reference_plan.bucket)
+
+
+def group_label(group: tuple[int, ...]) -> str:
+    """``64x64``, or ``64x64+128x64`` for a bucket whose references have their own size."""
+    return "+".join(f"{group[i]}x{group[i + 1]}" for i in range(0, len(group), 2))
 
 
 @dataclass
@@ -198,18 +213,56 @@ def _mask_files(conditioning: ResolvedDataset) -> dict[str, Path]:
     return {p.relative_to(conditioning.folder).with_suffix("").as_posix(): p for p in list_images(conditioning.folder)}
 
 
+def _pair_reference(
+    record: ImageRecord,
+    key: str,
+    references: dict[str, Path],
+    sizes: SizeIndex,
+    refs: ResolvedDataset,
+    alignment: int,
+    rounding: int,
+    max_pixels: int | None,
+) -> Skipped | None:
+    """Find and plan an image's reference (the picture its edit starts from); why not, if it cannot."""
+    assert record.plan is not None
+    reference = references.get(key)
+    if reference is None:
+        return Skipped(record.path, "missing reference", f"no image named {key}.* in {refs.folder}")
+    size = sizes.size(reference)
+    if isinstance(size, str):
+        return Skipped(record.path, "unreadable reference", f"{reference}: {size}")
+    if refs.entry.conditioning_type == "reference_strict":
+        if size != (record.width, record.height):
+            return Skipped(
+                record.path,
+                "reference size differs",
+                f"{reference} is {size[0]}x{size[1]}, the image {record.width}x{record.height} (reference_strict)",
+            )
+        record.reference_plan = record.plan  # cropped exactly like its target: pixel-aligned pairs
+    else:
+        key_text = str(reference.resolve())
+        record.reference_plan = plan_size(
+            size[0], size[1], refs, alignment, rounding, key=key_text, max_pixels=max_pixels
+        )
+    record.reference = reference
+    return None
+
+
 def _subset_key(path: Path) -> str:
     return hashlib.sha256(str(path).encode()).hexdigest()
 
 
 def scan_dataset(ds: ResolvedDataset, alignment: int, rounding: int, max_pixels: int | None = None) -> Scan:
-    """Every image of a dataset with its captions, size, mask and size plan; the rest skipped with a reason."""
+    """Every image of a dataset with its captions, size, mask, reference and size plans; the rest
+    skipped with a reason."""
     scan = Scan(dataset_id=ds.id)
     index = SizeIndex(ds)
     trust_index = bool(ds.entry.skips & {"metadata", "aspect"}) and bool(index.entries)
     paths = index.listed() if trust_index else list_images(ds.folder)
     table = CaptionTable(ds) if ds.entry.parquet is not None else None
     masks = _mask_files(ds.masks) if ds.masks is not None else None
+    references = _mask_files(ds.references) if ds.references is not None else None
+    reference_sizes = SizeIndex(ds.references) if ds.references is not None else None
     for path in paths:
         scan.found += 1
         row = table.row(path, ds.folder) if table is not None else None
@@ -250,8 +303,18 @@ def scan_dataset(ds: ResolvedDataset, alignment: int, rounding: int, max_pixels:
         record.plan = plan_size(
             size[0], size[1], ds, alignment, rounding, key=str(path.resolve()), max_pixels=max_pixels
         )
+        if references is not None and reference_sizes is not None and ds.references is not None:
+            key = path.relative_to(ds.folder).with_suffix("").as_posix()
+            problem = _pair_reference(
+                record, key, references, reference_sizes, ds.references, alignment, rounding, max_pixels
+            )
+            if problem is not None:
+                scan.skipped.append(problem)
+                continue
         scan.records.append(record)
     index.save()
+    if reference_sizes is not None:
+        reference_sizes.save()
     limit = ds.entry.max_num_samples
     if limit and len(scan.records) > limit:
         # A fixed subset: the same images every run, whatever the seed.

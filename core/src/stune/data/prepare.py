@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -34,6 +35,8 @@ class CachePlan:
     captions: list[str]
     trusted_latents: set[str]  # datasets whose latents are not checked (skip_file_discovery: vae)
     trusted_captions: set[str]  # captions not checked (skip_file_discovery: text)
+    #: dataset id → image → the job caching the latent of its reference image (edit pairs)
+    reference_jobs: dict[str, dict[Path, LatentJob]] = field(default_factory=dict)
 
     @property
     def missing_captions(self) -> list[str]:
@@ -43,7 +46,10 @@ class CachePlan:
     def missing_latents(self) -> int:
         return sum(
             1
-            for ds_id, jobs in self.latent_jobs.items()
+            for ds_id, jobs in [
+                *self.latent_jobs.items(),
+                *((k, list(v.values())) for k, v in self.reference_jobs.items()),
+            ]
             if ds_id not in self.trusted_latents
             for job in jobs
             if not job.target.is_file()
@@ -73,9 +79,11 @@ def plan_caches(config: CoreOptions, family: ModelFamily, report: Report, extra_
         report.text_cache_dir,
         {"kind": "text", **family.text_cache_identity()},
         dropped_identity=family.unconditional_identity(),
+        collate=family.collate_embeds,
     )
     latent_identity = {"kind": "latent", **family.latent_cache_identity()}
     jobs: dict[str, list[LatentJob]] = {}
+    reference_jobs: dict[str, dict[Path, LatentJob]] = {}
     captions: list[str] = []
     trusted_latents: set[str] = set()
     trusted_captions: set[str] = set()
@@ -92,6 +100,16 @@ def plan_caches(config: CoreOptions, family: ModelFamily, report: Report, extra_
         jobs[ds.id] = [
             LatentJob(r.path, cache.path(r.path, r.plan, r.mask), r.plan, r.mask) for r in d.usable if r.plan
         ]
+        if ds.references is not None:  # the references are cached in their own dataset's cache folder
+            refs = ds.references
+            ref_cache = LatentCache(
+                refs.latent_cache_dir, latent_identity, hash_filenames=refs.entry.hash_filenames, root=refs.folder
+            )
+            reference_jobs[ds.id] = {
+                r.path: LatentJob(r.reference, ref_cache.path(r.reference, r.reference_plan), r.reference_plan)
+                for r in d.usable
+                if r.reference is not None and r.reference_plan is not None
+            }
         dataset_captions = [c for r in d.usable for c in r.captions]
         captions += dataset_captions
         if "vae" in ds.entry.skips:
@@ -99,7 +117,13 @@ def plan_caches(config: CoreOptions, family: ModelFamily, report: Report, extra_
         if "text" in ds.entry.skips:
             trusted_captions.update(dataset_captions)
     return CachePlan(
-        report, text_cache, jobs, [*captions, DROPPED_CAPTION, *extra_prompts], trusted_latents, trusted_captions
+        report,
+        text_cache,
+        jobs,
+        [*captions, DROPPED_CAPTION, *extra_prompts],
+        trusted_latents,
+        trusted_captions,
+        reference_jobs,
     )
 
 
@@ -145,6 +169,17 @@ def fill_caches(
         for shared in processes.gather(sorted(failures.items())):
             for path, error in shared:
                 d.extra_skipped.append(Skipped(path, "unreadable", error))
+        pairs = plan.reference_jobs.get(d.dataset.id, {})
+        unique = list({job.target: job for job in pairs.values()}.values())
+        count, failures = LatentCache.fill(
+            processes.share(unique), prepare, encode_images, config.vae_batch_size, batch
+        )
+        encoded_latents += count
+        for shared in processes.gather(sorted(failures.items())):
+            for reference, error in shared:  # an image whose reference cannot be decoded is skipped too
+                for image, job in pairs.items():
+                    if job.image == reference:
+                        d.extra_skipped.append(Skipped(image, "unreadable reference", f"{reference}: {error}"))
     plan.report.check_trainable()  # decoding may have removed the last images of a dataset
 
     if offload:
@@ -177,8 +212,9 @@ def fill_caches(
             continue
         kept = d.kept_buckets
         jobs_by_image = {job.image: job for job in plan.latent_jobs[ds.id]}
+        references = plan.reference_jobs.get(ds.id, {})
         for record in d.usable:
-            if record.plan is None or record.plan.bucket not in kept:
+            if record.plan is None or record.group not in kept:
                 continue
             job = jobs_by_image[record.path]
             sample = Sample(
@@ -186,9 +222,10 @@ def fill_caches(
                 image=record.path,
                 latent_path=job.target,
                 captions=record.captions,
-                size=record.plan.bucket,
+                size=record.group,
                 is_regularisation=ds.is_regularisation,
                 has_mask=job.mask is not None,
+                reference_latent_path=references[record.path].target if record.path in references else None,
             )
             if ds.kind == "eval":
                 eval_samples.append(sample)

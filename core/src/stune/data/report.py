@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from stune.data.config import DatasetList, ResolvedDataset, resolve_datasets
 from stune.data.images import load_rgb
-from stune.data.metadata import Scan, Skipped, scan_dataset
+from stune.data.metadata import Scan, Skipped, group_label, scan_dataset
 from stune.errors import UserError
 
 if TYPE_CHECKING:
@@ -44,21 +44,22 @@ class DatasetReport:
         bad = {s.path for s in self.extra_skipped}
         return [r for r in self.scan.records if r.path not in bad]
 
-    def bucket_samples(self) -> Counter[tuple[int, int]]:
-        """Samples per epoch (images × (1 + repeats)) of every bucket."""
-        counts: Counter[tuple[int, int]] = Counter()
+    def bucket_samples(self) -> Counter[tuple[int, ...]]:
+        """Samples per epoch (images × (1 + repeats)) of every bucket (with its references' bucket
+        when they have their own size: a batch shares both)."""
+        counts: Counter[tuple[int, ...]] = Counter()
         for record in self.usable:
-            counts[record.plan.bucket] += 1 + self.dataset.repeats
+            counts[record.group] += 1 + self.dataset.repeats
         return counts
 
     @property
-    def kept_buckets(self) -> dict[tuple[int, int], int]:
+    def kept_buckets(self) -> dict[tuple[int, ...], int]:
         if self.dataset.kind != "image":
             return dict(self.bucket_samples())
         return {b: n for b, n in self.bucket_samples().items() if n >= self.effective_batch}
 
     @property
-    def dropped_buckets(self) -> dict[tuple[int, int], int]:
+    def dropped_buckets(self) -> dict[tuple[int, ...], int]:
         if self.dataset.kind != "image":
             return {}
         return {b: n for b, n in self.bucket_samples().items() if n < self.effective_batch}
@@ -75,10 +76,10 @@ class DatasetReport:
             "used": len(self.usable),
             "skipped": dict(reasons),
             "skipped_files": [{"path": str(s.path), "reason": s.reason, "detail": s.detail} for s in self.skipped],
-            "buckets": {f"{w}x{h}": n // (1 + self.dataset.repeats) for (w, h), n in sorted(kept.items())},
+            "buckets": {group_label(g): n // (1 + self.dataset.repeats) for g, n in sorted(kept.items())},
             "dropped_buckets": {
-                f"{w}x{h}": f"{n} samples < batch {self.effective_batch}"
-                for (w, h), n in sorted(self.dropped_buckets.items())
+                group_label(g): f"{n} samples < batch {self.effective_batch}"
+                for g, n in sorted(self.dropped_buckets.items())
             },
             "repeats": self.dataset.repeats,
             "samples_per_epoch": sum(kept.values()),
@@ -86,6 +87,7 @@ class DatasetReport:
             "probability": self.dataset.entry.probability,
             "regularisation": self.dataset.is_regularisation,
             "masks": str(self.dataset.masks.folder) if self.dataset.masks else None,
+            "references": str(self.dataset.references.folder) if self.dataset.references else None,
             "example_captions": captions,
         }
 
@@ -128,6 +130,8 @@ class Report:
                 lines.append(f"  bucket {bucket} dropped: {why}")
             if info["masks"]:
                 lines.append(f"  loss masks from: {info['masks']}")
+            if info["references"]:
+                lines.append(f"  reference images from: {info['references']}")
             lines.append(
                 f"  samples per epoch: {info['samples_per_epoch']} (repeats {info['repeats']}, "
                 f"batch {info['batch_size']}, probability {info['probability']})"
@@ -149,12 +153,11 @@ class Report:
                 log.warning(
                     "dataset %s: skipped %s (%s) %s", d.dataset.id, skipped.path, skipped.reason, skipped.detail
                 )
-            for (w, h), count in d.dropped_buckets.items():
+            for group, count in d.dropped_buckets.items():
                 log.warning(
-                    "dataset %s: bucket %dx%d has %d samples, fewer than a batch of %d: not trained on",
+                    "dataset %s: bucket %s has %d samples, fewer than a batch of %d: not trained on",
                     d.dataset.id,
-                    w,
-                    h,
+                    group_label(group),
                     count,
                     d.effective_batch,
                 )
@@ -191,7 +194,10 @@ def scan_all(config: CoreOptions, family: ModelFamily, processes: int | None = N
     reports = [
         DatasetReport(
             dataset=ds,
-            scan=scan_dataset(ds, family.alignment, config.aspect_bucket_rounding, family.maximum_canvas_pixels),
+            # A conditioning dataset (masks, reference images) is read through the dataset it pairs with.
+            scan=Scan(ds.id)
+            if ds.kind == "conditioning"
+            else scan_dataset(ds, family.alignment, config.aspect_bucket_rounding, family.maximum_canvas_pixels),
             effective_batch=ds.batch_size * effective,
         )
         for ds in listing.datasets
@@ -211,7 +217,13 @@ def verify_decoding(report: Report) -> None:
 
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
         for d in report.datasets:
-            paths = [r.path for r in d.usable]
+            records = d.usable
+            paths = [r.path for r in records]
             for path, error in zip(paths, pool.map(check, paths), strict=True):
                 if error:
                     d.extra_skipped.append(Skipped(path, "unreadable", error))
+            paired = [r for r in records if r.reference is not None]
+            references = [r.reference for r in paired]
+            for record, error in zip(paired, pool.map(check, references), strict=True):
+                if error:
+                    d.extra_skipped.append(Skipped(record.path, "unreadable reference", f"{record.reference}: {error}"))

@@ -16,6 +16,8 @@ from stune.options import AliasChoices, Field, Options
 MAIN_NICKNAME = "validation"
 #: keys a library entry written as an object may hold its prompt under (SimpleTuner's names)
 _PROMPT_KEYS = ("prompt", "caption", "lyrics")
+#: keys a library entry may hold an input image under (edit models such as FLUX Kontext)
+_IMAGE_KEYS = ("image", "input_image", "validation_input")
 
 
 def parse_resolutions(text: str) -> list[tuple[int, int]]:
@@ -74,6 +76,24 @@ def load_prompt_library(path: str | Path) -> dict[str, str]:
     return prompts
 
 
+def load_prompt_images(path: str | Path) -> dict[str, Path]:
+    """Nickname → input image of the library entries that give one (``{"prompt": …, "image": path}``);
+    relative paths are read from the library file's folder. A missing file is a ConfigError."""
+    data: Any = read_json(path, "user_prompt_library file")
+    images: dict[str, Path] = {}
+    for nickname, entry in (data if isinstance(data, dict) else {}).items():
+        value = next((entry[k] for k in _IMAGE_KEYS if isinstance(entry, dict) and isinstance(entry.get(k), str)), None)
+        if value is None:
+            continue
+        image = Path(value) if Path(value).is_absolute() else Path(path).parent / value
+        if not image.is_file():
+            raise ConfigError(
+                f"The user_prompt_library file {path} gives `{nickname}` the input image {image}, which does not exist."
+            )
+        images[nickname] = image
+    return images
+
+
 class ValidationOptions(Options):
     validation_disable: bool = Field(False, description="Render no validation images at all.")
     validation_prompt: str | None = Field(
@@ -93,6 +113,12 @@ class ValidationOptions(Options):
         description="Render validation images every N optimizer steps (0 or none: only at the end).",
     )
     validation_resolution: str = Field("1024", description="WIDTHxHEIGHT list, e.g. 1024x1024,1280x768.")
+    validation_input: str | None = Field(
+        None,
+        description="Edit models (FLUX Kontext): the image the validation prompts are applied to, or a folder of "
+        "images named after the prompt nicknames; default: the library entry's `image`, else the eval set's "
+        "reference images.",
+    )
     validation_num_inference_steps: int = Field(30, gt=0, description="Sampling steps per validation image.")
     validation_guidance: float = Field(7.5, ge=0, description="Guidance scale of validation images.")
     validation_seed: int | None = Field(

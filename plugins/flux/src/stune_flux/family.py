@@ -102,15 +102,22 @@ class FluxFamily(ModelFamily[FluxOptions]):
     def text_cache_identity(self) -> dict[str, Any]:
         return {**super().text_cache_identity(), "t5_padding": self.options.t5_padding}
 
+    def takes_reference_images(self) -> bool:
+        """Kontext learns edits: the reference image's tokens follow the noisy ones (see :meth:`predict`)."""
+        return self.flavour == "kontext"
+
     def token_layout(self) -> TokenLayout:
-        """Both block lists take the image tokens alone (``hidden_states``) and the text separately;
-        the rotary embedding and the optional attention mask cover ``[text; image]``."""
+        """Both block lists take the image tokens (``hidden_states``: the noisy image, then for Kontext
+        the reference image, never routed) and the text separately; the rotary embedding and the
+        optional attention mask cover ``[text; image(; reference)]``."""
+        image = ("image", "reference") if self.takes_reference_images() else ("image",)
+        segments = (Segment("image", routable=True), *(Segment(n) for n in image[1:]))
         side = (
-            SideInput(Arg("image_rotary_emb", 3), ("text", "image"), token_dim=0),
-            SideInput(Arg("joint_attention_kwargs", 4), ("text", "image"), token_dim=3, key="attention_mask"),
+            SideInput(Arg("image_rotary_emb", 3), ("text", *image), token_dim=0),
+            SideInput(Arg("joint_attention_kwargs", 4), ("text", *image), token_dim=3, key="attention_mask"),
         )
         blocks = [
-            BlockList(name, Arg("hidden_states", 0), (Segment("image", routable=True),), 1, side, count_key=count)
+            BlockList(name, Arg("hidden_states", 0), segments, 1, side, count_key=count)
             for name, count in (
                 ("transformer_blocks", "num_layers"),
                 ("single_transformer_blocks", "num_single_layers"),
@@ -121,7 +128,11 @@ class FluxFamily(ModelFamily[FluxOptions]):
     def forward_tokens(self, inputs: StepInputs) -> ForwardTokens:
         h, w = inputs.noisy_latents.shape[-2:]
         rows, cols = h // 2, w // 2
-        return ForwardTokens({"image": rows * cols, "text": inputs.embeds["prompt_embeds"].shape[1]}, (rows, cols))
+        counts = {"image": rows * cols, "text": inputs.embeds["prompt_embeds"].shape[1]}
+        reference = inputs.conditioning.get("reference_latents")
+        if reference is not None:
+            counts["reference"] = (reference.shape[-2] // 2) * (reference.shape[-1] // 2)
+        return ForwardTokens(counts, (rows, cols))
 
     # -- loading -----------------------------------------------------------------------------------
     def load(self, request: LoadRequest) -> Components:
@@ -245,6 +256,18 @@ class FluxFamily(ModelFamily[FluxOptions]):
                 guidance = low + (high - low) * draw
             else:
                 guidance = torch.full((b,), opts.flux_guidance_value, device=latents.device)
+        tokens = packed.shape[1]
+        reference = inputs.conditioning.get("reference_latents")
+        if reference is not None:
+            # Kontext: the clean reference latents follow the noisy ones as more image tokens, with
+            # position ids whose first coordinate is 1 (as FluxKontextPipeline builds them); only the
+            # noisy tokens' prediction is kept, so the reference gets no loss.
+            reference = reference.to(latents.dtype)
+            rb, rc, rh, rw = reference.shape
+            packed = torch.cat([packed, FluxPipeline._pack_latents(reference, rb, rc, rh, rw)], dim=1)
+            ref_ids = FluxPipeline._prepare_latent_image_ids(b, rh // 2, rw // 2, latents.device, latents.dtype)
+            ref_ids[..., 0] = 1
+            img_ids = torch.cat([img_ids, ref_ids], dim=0)
         attention = None
         if opts.flux_attention_masked_training:
             # Text padding is masked out; every image token is attended to.
@@ -263,7 +286,7 @@ class FluxFamily(ModelFamily[FluxOptions]):
             return_dict=False,
         )[0]
         velocity = FluxPipeline._unpack_latents(
-            out, h * self.vae_scale_factor, w * self.vae_scale_factor, self.vae_scale_factor
+            out[:, :tokens], h * self.vae_scale_factor, w * self.vae_scale_factor, self.vae_scale_factor
         )
         return Prediction(velocity)
 
@@ -290,10 +313,11 @@ class FluxFamily(ModelFamily[FluxOptions]):
         value; ``validation_guidance_real`` > 1 adds true CFG with the negative prompt, skipped for
         the first ``validation_no_cfg_until_timestep`` steps (as SimpleTuner's pipeline does)."""
         import torch
-        from diffusers import FluxPipeline
+        from diffusers import FluxKontextPipeline, FluxPipeline
 
         cfg, opts = self.config, self.options
-        pipe = FluxPipeline(
+        kontext = self.takes_reference_images()
+        pipe = (FluxKontextPipeline if kontext else FluxPipeline)(
             scheduler=components.scheduler,
             vae=components.vae,
             text_encoder=None,
@@ -325,6 +349,11 @@ class FluxFamily(ModelFamily[FluxOptions]):
         images = []
         for request in requests:
             extra: dict[str, Any] = {}
+            source = None
+            if kontext and request.image is not None:
+                source = _open_rgb(request.image).resize((request.width, request.height))
+                # the validation size as asked, not Kontext's preferred resolutions
+                extra.update(image=source, max_area=request.width * request.height, _auto_resize=False)
             if true_cfg and request.negative_embeds is not None:
                 extra = {
                     "true_cfg_scale": opts.validation_guidance_real,
@@ -351,10 +380,19 @@ class FluxFamily(ModelFamily[FluxOptions]):
             finally:
                 if hook is not None:
                     hook.remove()
-            images.append(output.images[0])
+            images.append(output.images[0] if source is None else _side_by_side(source, output.images[0]))
         return images
 
     def loading_example(self, output_dir: Path) -> str:
+        if self.takes_reference_images():
+            return (
+                "    import torch\n"
+                "    from diffusers import FluxKontextPipeline\n"
+                "    from diffusers.utils import load_image\n"
+                f"    pipe = FluxKontextPipeline.from_pretrained({self.model_path()!r})\n"
+                f"    pipe.load_lora_weights({str(output_dir)!r})\n"
+                '    image = pipe(image=load_image("input.png"), prompt="your edit instruction").images[0]'
+            )
         return (
             "    import torch\n"
             "    from diffusers import FluxPipeline\n"
@@ -368,6 +406,23 @@ class FluxFamily(ModelFamily[FluxOptions]):
         from stune_flux.tiny import build_demo
 
         return build_demo(workdir)
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _side_by_side(source: Image.Image, edited: Image.Image) -> Image.Image:
+    """The input image on the left, the edit on the right (Kontext validation images)."""
+    from PIL import Image
+
+    joined = Image.new("RGB", (source.width + edited.width, max(source.height, edited.height)))
+    joined.paste(source, (0, 0))
+    joined.paste(edited, (source.width, 0))
+    return joined
 
 
 def _subfolder(path: str, name: str) -> str | None:
