@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 INSTALLED := $(VENV)/.stune-installed
 TEST_TOOLS := $(VENV)/.stune-test-tools
-PLUGINS := plugins/flux plugins/tread
+PLUGINS := plugins/flux plugins/tread plugins/rollout
 export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
@@ -29,8 +29,14 @@ $(INSTALLED): $(PY) core/pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
 	$(PIP) install -q -e 'core[parquet,trackers]' $(addprefix -e ,$(PLUGINS))
 	@touch $@
 
+# Browser tests (report.html, the web interface) drive Debian's chromium through selenium; where
+# apt is not available they are skipped with that reason.
 $(TEST_TOOLS): $(INSTALLED)
-	$(PIP) install -q "pytest>=8" "ruff>=0.6" "mypy>=1.11"
+	$(PIP) install -q "pytest>=8" "ruff>=0.6" "mypy>=1.11" "selenium>=4.20"
+	@if ! command -v chromedriver >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 \
+			|| echo "could not install chromium: the browser tests will be skipped"; \
+	fi
 	@touch $@
 
 demo: $(INSTALLED)
@@ -53,6 +59,7 @@ bench: $(INSTALLED)
 	$(PY) bench/data_pipeline.py
 	$(PY) bench/optimizers.py
 	$(PY) bench/tread.py
+	$(PY) bench/rollout.py
 
 clean:
 	rm -rf $(VENV) demo

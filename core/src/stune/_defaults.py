@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from stune.config import CoreOptions
     from stune.family import Components, LoadRequest, ModelFamily
     from stune.quantize import Quantizer, QuantizeTarget
+    from stune.state import TrainState
     from stune.step import Prediction, StepInputs
 
 
@@ -71,3 +72,18 @@ class QuantizeDispatch:
                 components.text_encoders[target.component] = quantizer.quantize(
                     components.text_encoders[target.component], target
                 )
+
+
+@hookimpl(trylast=True)
+def on_validation_done(state: TrainState) -> None:
+    """The report page shows every validation as soon as it is written."""
+    from stune.report import write_report
+
+    write_report(state.output_dir)
+
+
+@hookimpl(trylast=True)
+def on_train_end(output_dir: Path) -> None:
+    from stune.report import write_report
+
+    write_report(output_dir)

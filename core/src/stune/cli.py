@@ -29,11 +29,12 @@ commands:
   options    list every option with its default and help
   check      check a config and its datasets without training
   demo       train a LoRA on a tiny generated model and dataset, on the CPU, in a few minutes
+  report     rebuild OUTPUT_DIR/report.html (loss curves, validation images) from what is on disk
 
 Run `st-train COMMAND --help` for a command's arguments.
 """
 
-BUILTIN_COMMANDS = ("train", "plugins", "options", "check", "demo")
+BUILTIN_COMMANDS = ("train", "plugins", "options", "check", "demo", "report")
 
 
 def _plugin_argument(parser: argparse.ArgumentParser) -> None:
@@ -192,6 +193,31 @@ def cmd_demo(argv: Sequence[str]) -> int:
     return run_demo(args.plugin, args.dir, args.steps)
 
 
+def cmd_report(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="st-train report",
+        description="Rebuild OUTPUT_DIR/report.html from the run's files (also for an interrupted run).",
+    )
+    parser.add_argument("output_dir", nargs="?", help="the run's output folder (default: output_dir of the config)")
+    parser.add_argument("--config", metavar="PATH", help="config file whose output_dir to use")
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    folder = args.output_dir
+    if folder is None:
+        from stune.config import find_config_file, read_config_file
+
+        path = find_config_file(args.config)
+        folder = str((read_config_file(path) if path else {}).get("output_dir", "output"))
+    output_dir = Path(folder)
+    if not (output_dir / "metrics.jsonl").is_file() and not (output_dir / "run.json").is_file():
+        raise UserError(f"{output_dir} holds no stune run (no metrics.jsonl or run.json); pass the run's output_dir.")
+    from stune.report import write_report
+
+    print(write_report(output_dir))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
@@ -205,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "options": cmd_options,
         "check": cmd_check,
         "demo": cmd_demo,
+        "report": cmd_report,
     }
     try:
         if command in handlers:

@@ -41,6 +41,7 @@ def run_demo(plugins: Sequence[str] | None, workdir: str | Path, steps: int | No
         f"stune demo finished: {result.final_step} steps of a {family_cls.name} LoRA.",
         f"  LoRA:              {', '.join(str(p.resolve()) for p in result.adapter_files)}",
         f"  checkpoints:       {', '.join(str(p.resolve()) for p in result.checkpoints if p.exists()) or '(none)'}",
+        f"  report:            {out / 'report.html'}  (loss curves and the validation images over the steps)",
         f"  validation images: {out / 'validation_images'}",
         f"  metrics:           {out / 'metrics.jsonl'}",
         f"  config:            {config_path}",

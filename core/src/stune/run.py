@@ -109,3 +109,47 @@ def setup(session: Session) -> Run:
         started=time.perf_counter(),
         result=TrainResult(output_dir, [], 0),
     )
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The most memory the run has held so far: allocated on the accelerator, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run_summary(run: Run) -> dict[str, Any]:
+    """What the report page says about the run itself (``run.json``)."""
+    config, family, host = run.session.config, run.session.family, run.session.host
+    if config.model_type == "full":
+        adapter = "full fine-tune"
+    elif config.lora_type == "lycoris":
+        adapter = f"LyCORIS ({config.lycoris_config})"
+    else:
+        adapter = f"LoRA rank {config.lora_rank}, alpha {config.effective_lora_alpha:g}"
+    keys = (
+        "learning_rate",
+        "optimizer",
+        "lr_scheduler",
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "mixed_precision",
+        "resolution",
+        "seed",
+        "base_model_precision",
+        "caption_dropout_probability",
+    )
+    return {
+        "family": family.name,
+        "flavour": family.flavour,
+        "model": family.model_path(),
+        "adapter": adapter,
+        "features": [f.name for f in run.session.features],
+        "plugins": [p["name"] for p in host.listing()],
+        "options": {k: getattr(config, k) for k in keys if hasattr(config, k)},
+        "max_steps": run.max_steps,
+        "memory_kind": "CUDA allocated" if run.accelerator.device.type == "cuda" else "host RSS",
+        "loading_example": family.loading_example(run.output_dir),
+    }

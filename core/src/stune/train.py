@@ -41,8 +41,9 @@ from stune.memory import enable_gradient_checkpointing
 from stune.metrics import MetricsLog
 from stune.publish import finish_run
 from stune.quantize import QuantizeTarget, plan_targets
+from stune.report import write_report, write_run_file
 from stune.resume import resume, save_adapter, save_checkpoint
-from stune.run import Run, TrainResult, setup
+from stune.run import Run, TrainResult, peak_memory_mb, run_summary, setup
 from stune.session import Session
 from stune.signals import StopRequest
 from stune.state import TrainState
@@ -275,6 +276,8 @@ def loop(run: Run) -> None:
         time.perf_counter() - run.started,
     )
     run.trackers = start_trackers(config, accelerator, run.output_dir)
+    if accelerator.is_main_process:
+        write_run_file(run.output_dir, run_summary(run))
     hooks.on_train_start(state=state, config=config)
     validate_base_model(run)
     # Every process builds it (a bad eval_dataset_id stops them all); only the main one evaluates.
@@ -339,6 +342,7 @@ def loop(run: Run) -> None:
                 "grad_norm": grad_norm,
                 "step_seconds": seconds,
                 "samples_per_second": samples / seconds if seconds > 0 else 0.0,
+                "peak_memory_mb": peak_memory_mb(device),
             }
             record.update({name: float(value) / accumulation for name, value in term_sums.items()})
             record.update({name: number / accumulation for name, number in metric_sums.items()})
@@ -372,6 +376,8 @@ def loop(run: Run) -> None:
         run.trackers.finish()
         if metrics is not None:
             metrics.close()
+            write_run_file(run.output_dir, {**run_summary(run), "interrupted": True})
+            write_report(run.output_dir)
         return
     if config.checkpoint_step_interval:
         run.result.checkpoints.append(save_checkpoint(run))
