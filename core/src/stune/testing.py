@@ -104,6 +104,14 @@ def venv_with_only(root: Path, distributions: Sequence[Path]) -> Path:
     pip += ["--prefix", str(root)]  # --ignore-installed: never uninstall them from this environment
     for folder in distributions:
         subprocess.run([*pip, "-e", str(folder)], check=True, env=offline_env({"PIP_DISABLE_PIP_VERSION_CHECK": "1"}))
+    # pip wrote this environment's interpreter into the new scripts (st-train); point them home.
+    for script in (root / "bin").iterdir():
+        if script.is_file() and not script.is_symlink():
+            head = script.read_bytes()[:256]
+            if head.startswith(f"#!{sys.executable}".encode()):
+                script.write_bytes(
+                    script.read_bytes().replace(f"#!{sys.executable}".encode(), f"#!{python}".encode(), 1)
+                )
     return python
 
 

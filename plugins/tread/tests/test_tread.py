@@ -7,6 +7,7 @@ gradients; the training tests run the seed's route on a tiny FLUX deep enough fo
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,10 @@ def _builders() -> dict[str, Any]:
     from stune_flux.tiny import build_tiny_flux
 
     found["flux"] = lambda path: build_tiny_flux(path, num_single_layers=4)
+    if importlib.util.find_spec("stune_sd3") is not None:
+        from stune_sd3.tiny import build_tiny_sd3
+
+        found["sd3"] = build_tiny_sd3
     return found
 
 

@@ -1,0 +1,15 @@
+"""Fixtures of the SD3 plugin's tests: one tiny random SD3 pipeline per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight SD3 pipeline in diffusers layout (10 blocks, dual attention in the first two)."""
+    from stune_sd3.tiny import build_tiny_sd3
+
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3") / "model")
