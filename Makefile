@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 INSTALLED := $(VENV)/.stune-installed
 TEST_TOOLS := $(VENV)/.stune-test-tools
-PLUGINS := plugins/flux plugins/sd3 plugins/tread plugins/rollout
+PLUGINS := plugins/flux plugins/sd3 plugins/hidream plugins/tread plugins/rollout
 export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 

@@ -37,13 +37,22 @@ def prepare(
     *,
     host: PluginHost | None = None,
 ) -> Session:
-    """Load plugins, read and validate the configuration, pick the family and check everything."""
-    host = host or PluginHost.build(plugins)
+    """Load plugins, read and validate the configuration, pick the family and check everything.
+
+    ``--plugin NAME`` picks the plugins to load; an installed first-party plugin that owns a key
+    of the configuration (``base_model_precision`` → quant, ``tread_config`` → tread) joins them,
+    so ``st-train --plugin hidream`` runs a seed config that quantizes.
+    """
     path = find_config_file(config_path)
     raw: dict[str, Any] = read_config_file(path) if path is not None else {}
     raw.update(overrides or {})
     if path is None and not raw:
         raise ConfigError("No configuration found: create config/config.json, or pass --config PATH or --key=value.")
+    if host is None:
+        host = PluginHost.build(plugins)
+        needed = _installed_owners(host, raw)
+        if plugins is not None and needed:
+            host = PluginHost.build([*plugins, *needed])
     config = validate_config(raw, host.config_model(), host)
     family_cls = host.family_class(config.model_family)
     config.model_family = family_cls.name
@@ -52,3 +61,20 @@ def prepare(
     features = [feature(config, family) for feature in host.features.values() if feature.enabled(config)]
     check_run(config, family, features, host)
     return Session(host=host, config=config, family=family, features=features, config_path=path)
+
+
+def _installed_owners(host: PluginHost, raw: dict[str, Any]) -> list[str]:
+    """First-party plugins not loaded but installed whose options the configuration sets."""
+    from importlib import metadata
+
+    installed = {ep.name for ep in metadata.entry_points(group="stune")}
+    known = host.known_option_names()
+    owners = {
+        owner.name
+        for key, value in raw.items()
+        if key not in known
+        and (owner := host.catalog_owner_of_option(key)) is not None
+        and owner.name in installed
+        and str(owner.neutral.get(key, object())).lower() != str(value).lower()
+    }
+    return sorted(owners)

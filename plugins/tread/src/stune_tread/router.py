@@ -14,9 +14,11 @@ How it works, for any family that declares a token layout (the plugin names no f
   nothing at all;
 * at the first block of each route it draws the kept image tokens once for the forward — one set
   shared by the batch (a batch is one bucket, and FLUX's rotary embedding has no batch dimension):
-  tokens inside the loss mask are always kept (force-keep), padding tokens (HiDream) are never
-  candidates, the rest are drawn with the feature's seeded generator, uniformly, or mixed with each
-  token's L1 norm when ``importance`` > 0 (high-norm tokens are kept more often);
+  tokens inside the loss mask are always kept (force-keep), padding tokens (HiDream's non-square
+  inputs) are never candidates — they stay, since the model's padding mask only zeroes their keys
+  and they still weigh in attention — and the rest are drawn with the feature's seeded generator,
+  uniformly, or mixed with each token's L1 norm when ``importance`` > 0 (high-norm tokens are kept
+  more often); the share dropped is a share of the real tokens;
 * before every block of the window it gathers the kept tokens and the matching rows of the
   block's side inputs (rotary embedding, masks) with the family's layout; after the block it
   scatters them back, the dropped tokens keeping the values they had on entering the block. So a
@@ -241,6 +243,7 @@ class Tread(TrainingFeature[TreadOptions]):
         forced = self._forced.to(device) & valid if self._forced is not None else torch.zeros_like(valid)
         target = round(int(valid.sum()) * (1.0 - window.ratio))
         rest = max(0, target - int(forced.sum()))
+        forced = forced | ~valid  # padding is kept whole, outside the share
         noise = torch.rand(count, generator=self.generator, device=self.generator.device).to(device)
         if window.importance > 0:
             score = routable.detach().float().abs().sum(dim=-1)  # (B, count) L1 norm per token
@@ -251,7 +254,7 @@ class Tread(TrainingFeature[TreadOptions]):
         noise = noise.masked_fill(~candidates, -1.0)  # never drawn: padding and the forced ones
         chosen = torch.topk(noise, k=min(rest, int(candidates.sum())), sorted=True).indices
         kept = torch.cat([forced.nonzero().flatten(), chosen])
-        self._kept_tokens += int(kept.numel())
+        self._kept_tokens += int(kept.numel()) - int((~valid).sum())
         self._image_tokens += int(valid.sum())
         return kept
 
