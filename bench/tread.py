@@ -14,6 +14,7 @@ On a CUDA machine pass `--real` to use FLUX.1's real width and depth (random wei
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -56,7 +57,45 @@ def flux_model(path: Path, real: bool) -> Path:
     return path
 
 
-FAMILIES: dict[str, Callable[[Path, bool], Path]] = {"flux": flux_model}
+def sd3_model(path: Path, real: bool) -> Path:
+    from diffusers import SD3Transformer2DModel
+
+    from stune_sd3.tiny import build_tiny_sd3
+
+    build_tiny_sd3(path)
+    config = dict(SD3Transformer2DModel.load_config(path / "transformer"))
+    if real:  # SD3.5 Medium: 24 blocks, width 1536
+        config.update(num_layers=24, attention_head_dim=64, num_attention_heads=24, caption_projection_dim=1536)
+    else:
+        config.update(num_layers=16, attention_head_dim=64, num_attention_heads=4, caption_projection_dim=256)
+    shutil.rmtree(path / "transformer")
+    SD3Transformer2DModel.from_config(config).save_pretrained(path / "transformer")
+    return path
+
+
+def hidream_model(path: Path, real: bool) -> Path:
+    from diffusers import HiDreamImageTransformer2DModel
+
+    from stune_hidream.tiny import build_tiny_hidream
+
+    build_tiny_hidream(path)
+    config = dict(HiDreamImageTransformer2DModel.load_config(path / "transformer"))
+    layers = sorted(set(config["llama_layers"]))
+    if real:  # HiDream-I1: 16 double + 32 single blocks, width 2560
+        config.update(num_layers=16, num_single_layers=32, attention_head_dim=128, num_attention_heads=20)
+        config["axes_dims_rope"] = (64, 32, 32)
+    else:
+        config.update(num_layers=2, num_single_layers=14, attention_head_dim=64, num_attention_heads=4)
+        config["axes_dims_rope"] = (32, 16, 16)
+    blocks = config["num_layers"] + config["num_single_layers"]
+    config["llama_layers"] = [layers[i % len(layers)] for i in range(blocks)]  # the tiny Llama's layers, reused
+    config["max_resolution"] = (128, 128)
+    shutil.rmtree(path / "transformer")
+    HiDreamImageTransformer2DModel.from_config(config).save_pretrained(path / "transformer")
+    return path
+
+
+FAMILIES: dict[str, Callable[[Path, bool], Path]] = {"flux": flux_model, "sd3": sd3_model, "hidream": hidream_model}
 
 
 def run_folder(folder: Path, family: str, model: Path, steps: int, size: int, tread: bool) -> Path:
@@ -114,6 +153,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="stune-tread-bench-"))
     rows = []
     for family, build in FAMILIES.items():
+        if importlib.util.find_spec(f"stune_{family}") is None:
+            continue
         model = build(work / f"{family}-model", args.real)
         plain = run_folder(work / f"{family}-plain", family, model, args.steps, args.size, tread=False)
         routed = run_folder(work / f"{family}-tread", family, model, args.steps, args.size, tread=True)
