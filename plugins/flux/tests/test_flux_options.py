@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -41,23 +42,35 @@ def test_epochs_without_max_steps(tmp_path: Path, tiny_flux_dir: Path, monkeypat
 def test_bf16_mixed_precision_keeps_adapter_in_fp32(
     tmp_path: Path, tiny_flux_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    run = flux_run(tmp_path, tiny_flux_dir, mixed_precision="bf16", flow_schedule_auto_shift="true")
+    run = flux_run(
+        tmp_path,
+        tiny_flux_dir,
+        mixed_precision="bf16",
+        flow_schedule_auto_shift="true",
+        validation_prompt="a red circle",  # rendered at the end, through the bf16 VAE
+        validation_resolution="64x64",
+        validation_num_inference_steps=2,
+        disable_benchmark="true",
+    )
     monkeypatch.chdir(run)
-    seen: dict[str, torch.dtype] = {}
+    loaded: list[Any] = []
 
     class Probe:
         __name__ = "probe"
 
         import stune
 
-        @stune.hookimpl
-        def route_tokens(self, transformer: torch.nn.Module) -> None:
-            for name, param in transformer.named_parameters():
-                seen["lora" if "lora_" in name else "base"] = param.dtype
+        @stune.hookimpl(wrapper=True)
+        def load_model(self) -> Any:
+            components = yield
+            loaded.append(components)
+            return components
 
     result = train(prepare(host=PluginHost.build(["flux"], plugins=[Probe()])))
     assert result.final_step == 2
+    seen = {"lora" if "lora_" in n else "base": p.dtype for n, p in loaded[0].transformer.named_parameters()}
     assert seen == {"base": torch.bfloat16, "lora": torch.float32}
+    assert [p.name for p in result.validation_images] == ["step-000002-validation-64x64.png"]
     weights = load_file(str(run / "output" / "pytorch_lora_weights.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert all(r["loss"] == r["loss"] for r in _metrics(run))  # finite, not NaN

@@ -374,13 +374,15 @@ class FluxFamily(ModelFamily[FluxOptions]):
                     guidance_scale=cfg.validation_guidance,
                     generator=torch.Generator("cpu").manual_seed(request.seed),
                     max_sequence_length=cfg.tokenizer_max_length or 512,
+                    output_type="latent",
                     **extra,
                     **_preview_callback(pipe, request),
                 )
             finally:
                 if hook is not None:
                     hook.remove()
-            images.append(output.images[0] if source is None else _side_by_side(source, output.images[0]))
+            image = _decode(pipe, output.images, request.height, request.width)
+            images.append(image if source is None else _side_by_side(source, image))
         return images
 
     def loading_example(self, output_dir: Path) -> str:
@@ -433,23 +435,28 @@ def _subfolder(path: str, name: str) -> str | None:
     return name
 
 
+def _decode(pipeline: Any, packed: torch.Tensor, height: int, width: int) -> Image.Image:
+    """Packed latents → an image, decoded in the VAE's own dtype. (A transformer prepared for mixed
+    precision returns fp32, which the pipeline would hand a bf16 VAE as is.)"""
+    import torch
+
+    vae = pipeline.vae
+    with torch.no_grad():
+        latents = pipeline._unpack_latents(packed, height, width, pipeline.vae_scale_factor)
+        latents = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    image: Image.Image = pipeline.image_processor.postprocess(decoded, output_type="pil")[0]
+    return image
+
+
 def _preview_callback(pipe: Any, request: ValidationRequest) -> dict[str, Any]:
     """``callback_on_step_end`` decoding the latents every ``request.preview_every`` steps."""
     if request.preview is None or not request.preview_every:
         return {}
-    import torch
-
-    vae = pipe.vae
 
     def callback(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         if (step + 1) % request.preview_every == 0:
-            with torch.no_grad():
-                latents = pipeline._unpack_latents(
-                    tensors["latents"], request.height, request.width, pipeline.vae_scale_factor
-                )
-                latents = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-                decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-                request.preview(step + 1, pipeline.image_processor.postprocess(decoded, output_type="pil")[0])  # type: ignore[misc]
+            request.preview(step + 1, _decode(pipeline, tensors["latents"], request.height, request.width))  # type: ignore[misc]
         return {}
 
     return {"callback_on_step_end": callback, "callback_on_step_end_tensor_inputs": ["latents"]}
