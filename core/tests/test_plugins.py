@@ -112,6 +112,7 @@ def test_the_catalog_tells_the_truth_about_installed_plugins() -> None:
         own = {k for plugin, model in host.option_models if plugin == name for k in option_names(model)}
         assert set(entry.options) <= own, f"catalog lists options {set(entry.options) - own} that {name} lacks"
         assert set(entry.neutral) <= set(entry.options)
+        assert sorted(info.provides.get("commands", [])) == sorted(entry.commands)
     assert checked >= 1  # stune-flux at least
 
 
@@ -216,25 +217,34 @@ def test_validators_of_the_same_name_in_two_plugins_are_refused() -> None:
 
     from stune.options import Field, Options
 
-    def plugin(name: str, key: str) -> Any:
-        class Model(Options):
-            __annotations__ = {key: int}
-            locals()[key] = Field(1, description="x")
+    class First(Options):
+        first_key: int = Field(1, description="x")
 
-            @field_validator(key)
-            @classmethod
-            def _check(cls, value: int) -> int:
-                return value
+        @field_validator("first_key")
+        @classmethod
+        def _check(cls, value: int) -> int:
+            return value
 
+    class Second(Options):
+        second_key: int = Field(1, description="x")
+
+        @field_validator("second_key")
+        @classmethod
+        def _check(cls, value: int) -> int:
+            return value
+
+    def plugin(name: str, model: type[Options]) -> Any:
         class P:
             __name__ = name
 
             @stune.hookimpl
             def register_options(self, register: Any) -> None:
-                register(Model)
+                register(model)
 
         return P()
 
-    host = PluginHost.build(entry_points=False, plugins=[plugin("a", "first_key"), plugin("b", "second_key")])
+    host = PluginHost.build(entry_points=False, plugins=[plugin("a", First), plugin("b", Second)])
     with pytest.raises(stune.ConfigError, match="both define an option validator named `_check`"):
         host.config_model()
+    same = PluginHost.build(entry_points=False, plugins=[plugin("a", First), plugin("c", First)])
+    assert "first_key" in same.config_model().model_fields  # one model registered twice is no clash

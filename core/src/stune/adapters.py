@@ -38,6 +38,8 @@ class Adapter:
     kind: ClassVar[str]
     #: whether the adapter can be switched off to get the base model's prediction
     can_disable: ClassVar[bool] = True
+    #: the transformer's weights gathered whole (sharded runs): what :meth:`save` writes from
+    gathered: dict[str, torch.Tensor] | None = None
 
     def __init__(self, transformer: torch.nn.Module, family: ModelFamily, config: CoreOptions) -> None:
         self.transformer = transformer
@@ -61,6 +63,14 @@ class Adapter:
         """Read back what :meth:`save` wrote (resume, ``init_lora``)."""
         raise NotImplementedError
 
+    def resume_state(self) -> dict[str, torch.Tensor]:
+        """Trained tensors the loadable format does not hold as they are; checkpoints keep them
+        beside it so a resumed run continues exactly. Default: none."""
+        return {}
+
+    def load_resume_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Put back what :meth:`resume_state` gave (after :meth:`load`)."""
+
     def _cast_trainable(self, dtype: torch.dtype) -> None:
         for param in self.parameters():
             param.data = param.data.to(dtype)
@@ -77,6 +87,10 @@ class PeftLora(Adapter):
         from peft import LoraConfig
 
         targets = family.lora_target_modules()
+        if config.fuse_qkv_projections:
+            from stune.speed import fused_targets
+
+            targets = fused_targets(targets)
         names = [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)]
         if not match_modules(names, targets):
             raise ConfigError(
@@ -109,11 +123,15 @@ class PeftLora(Adapter):
     def save(self, output_dir: Path) -> list[Path]:
         from peft.utils import get_peft_model_state_dict
 
-        state_dict = get_peft_model_state_dict(self.transformer)
+        state_dict = get_peft_model_state_dict(self.transformer, state_dict=self.gathered)
         peft_config: Any = self.transformer.peft_config
         config = peft_config["default"].to_dict()
         # PEFT keeps target_modules as a set; metadata must be JSON (diffusers writes it as a list too).
         metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+        if self.config.fuse_qkv_projections:  # saved as the unfused layers' LoRA, which loads everywhere
+            from stune.speed import fused_metadata, split_fused_lora
+
+            state_dict, metadata = split_fused_lora(state_dict), fused_metadata(metadata)
         return [self.family.save_lora(output_dir, state_dict, metadata)]
 
     def load(self, folder: Path) -> None:
@@ -121,6 +139,10 @@ class PeftLora(Adapter):
 
         path = folder / LORA_FILE if folder.is_dir() else folder
         state_dict = self.family.load_lora(path)
+        if self.config.fuse_qkv_projections:
+            from stune.speed import merge_fused_lora
+
+            state_dict = merge_fused_lora(state_dict)
         result = set_peft_model_state_dict(self.transformer, state_dict)
         unexpected = getattr(result, "unexpected_keys", None) or []
         missing = [k for k in (getattr(result, "missing_keys", None) or []) if "lora_" in k]
@@ -212,6 +234,17 @@ class Lycoris(Adapter):
                 f"The LyCORIS weights {path} do not fit this network ({len(unexpected)} unexpected and "
                 f"{len(missing)} missing keys, e.g. {key}); use the lycoris_config they were trained with."
             )
+
+    def resume_state(self) -> dict[str, torch.Tensor]:
+        # lycoris's format folds LoKr's use_scalar into w1 (w1·scalar, scalar reset to 1 on load):
+        # the same model, but other parameters than the optimizer's state belongs to.
+        return {name: p.detach().cpu().contiguous() for name, p in self.network.named_parameters()}
+
+    def load_resume_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, param in self.network.named_parameters():
+                if name in state:
+                    param.copy_(state[name])
 
 
 def _lycoris_defaults(network_class: Any) -> dict[str, Any]:
@@ -334,7 +367,12 @@ class FullFinetune(Adapter):
         folder = output_dir / FULL_FOLDER
         if folder.exists():
             shutil.rmtree(folder)
-        self.transformer.save_pretrained(folder, safe_serialization=True)  # type: ignore[operator]
+        model: Any = self.transformer
+        if self.gathered is not None:  # sharded: an unsharded copy holding the gathered weights
+            with torch.device("meta"):
+                model = type(model).from_config(model.config)
+            model.load_state_dict(self.gathered, assign=True)
+        model.save_pretrained(folder, safe_serialization=True)
         return [folder]
 
     def load(self, folder: Path) -> None:

@@ -40,6 +40,7 @@ def check_run(config: CoreOptions, family: ModelFamily, features: list[TrainingF
     check_trackers(config)
     check_publish(config)
     _check_precisions(config, family, host)
+    _check_memory(config)
     for feature in features:
         missing = feature.missing_requirements(family)
         if missing:
@@ -83,6 +84,37 @@ def check_datasets(config: CoreOptions, family: ModelFamily, report: Report) -> 
                 f"Validation prompt `{missing[0]}` has no input image to edit; set validation_input to an image, "
                 'give the prompt library entry an "image", or add an eval dataset with reference images.'
             )
+
+
+def _check_memory(config: CoreOptions) -> None:
+    """Memory, speed and distribution options: each area's module is imported only when one of its
+    options is set (they need torch to ask about the machine)."""
+    defaults = type(config).model_fields
+    changed = {k for k in config.model_fields_set if k in defaults and getattr(config, k) != defaults[k].default}
+    if changed & {"attention_mechanism", "sageattention_usage"}:
+        from stune.attention import check_attention
+
+        check_attention(config)
+    if config.enable_group_offload or config.musubi_blocks_to_swap:
+        from stune.offload import check_offload
+
+        check_offload(config)
+    if config.fuse_optimizer:
+        from stune.fused import check_fused
+
+        check_fused(config)
+    if config.optimizer_cpu_offload_method != "none":
+        from stune.optim import check_cpu_offload
+
+        check_cpu_offload(config)
+    if config.fuse_qkv_projections or config.dynamo_backend != "no":
+        from stune.speed import check_speed
+
+        check_speed(config)
+    if config.fsdp_enable or config.deepspeed_config:
+        from stune.sharding import check_sharding
+
+        check_sharding(config)
 
 
 def _check_lora_init(config: CoreOptions) -> None:

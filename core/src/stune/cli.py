@@ -72,6 +72,10 @@ def cmd_train(argv: Sequence[str]) -> int:
 
     session = prepare(args.plugin, args.config, parse_overrides(list(rest)))
     _setup_logging()
+    from stune.launch import relaunch, wants_relaunch
+
+    if wants_relaunch(session.config):  # num_processes > 1: the same command under accelerate launch
+        return relaunch(session.config, list(argv))
     from stune.train import train
 
     result = train(session)

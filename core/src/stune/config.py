@@ -21,9 +21,11 @@ from stune.jsonfile import read_json
 from stune.options import Options, option_names
 from stune.opts.adapter import AdapterOptions
 from stune.opts.data import DataOptions
+from stune.opts.distributed import DistributedOptions
 from stune.opts.ema import EMAOptions
 from stune.opts.evaluation import EvaluationOptions
 from stune.opts.flow import FlowOptions
+from stune.opts.memory import MemoryOptions
 from stune.opts.model import ModelOptions
 from stune.opts.optim import OptimizerOptions
 from stune.opts.publish import PublishOptions
@@ -50,6 +52,8 @@ class CoreOptions(
     TrackingOptions,
     EMAOptions,
     PublishOptions,
+    MemoryOptions,
+    DistributedOptions,
 ):
     """Options every run has, whatever the model family (one mixin per area, in ``stune.opts``)."""
 
@@ -65,15 +69,16 @@ def build_config_model(option_models: list[tuple[str, type[Options]]]) -> type[C
     bases: list[type[Options]] = []
     # pydantic keeps validators by method name across the merged classes: two models with a
     # validator of the same name would silently lose one of them.
-    validators: dict[str, str] = {name: "core" for name in _validator_names(CoreOptions)}
+    # name → (defining class, plugin): the same class reached twice (a shared base) is no clash
+    validators = {name: (where, "core") for name, where in _validators(CoreOptions).items()}
     for plugin, model in option_models:
-        for name in _validator_names(model):
-            if validators.get(name, plugin) != plugin and model not in bases:
+        for name, where in _validators(model).items():
+            if name in validators and validators[name][0] != where:
                 raise ConfigError(
-                    f"Plugins `{validators[name]}` and `{plugin}` both define an option validator named `{name}`; "
-                    f"rename the one in `{plugin}` (prefix it with the option it checks)."
+                    f"Plugins `{validators[name][1]}` and `{plugin}` both define an option validator named "
+                    f"`{name}`; rename the one in `{plugin}` (prefix it with the option it checks)."
                 )
-            validators[name] = plugin
+            validators[name] = (where, plugin)
         for key in option_names(model):
             shared = key in fields and key in model.model_fields and _same_field(fields[key], model.model_fields[key])
             if key in owners and owners[key] != plugin and not shared:
@@ -89,10 +94,17 @@ def build_config_model(option_models: list[tuple[str, type[Options]]]) -> type[C
     return create_model("Config", __base__=(CoreOptions, *bases))  # type: ignore[call-overload,no-any-return,arg-type]
 
 
-def _validator_names(model: type[Options]) -> set[str]:
+def _validators(model: type[Options]) -> dict[str, str]:
+    """Validator method name → the class that defines it (the base class's own are shared by all)."""
     decorators = model.__pydantic_decorators__
-    names = set(decorators.field_validators) | set(decorators.model_validators)
-    return names - set(Options.__pydantic_decorators__.model_validators)  # the base class's, shared by all
+    found: dict[str, Any] = {**decorators.field_validators, **decorators.model_validators}
+    own = {}
+    for name, decorator in found.items():
+        if name in Options.__pydantic_decorators__.model_validators:
+            continue
+        function = getattr(decorator.func, "__func__", decorator.func)
+        own[name] = f"{function.__module__}.{function.__qualname__}"  # where it is defined
+    return own
 
 
 def _same_field(a: Any, b: Any) -> bool:

@@ -2,32 +2,48 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+#: (module being recomputed) → context wrapping its recompute inside backward
+RecomputeContext = Callable[[torch.nn.Module], contextlib.AbstractContextManager[Any]]
 
-def enable_gradient_checkpointing(model: torch.nn.Module, interval: int | None) -> None:
+
+def enable_gradient_checkpointing(
+    model: torch.nn.Module, interval: int | None, recompute: RecomputeContext | None = None
+) -> None:
     """Checkpoint the model's blocks; with ``interval`` n, only every n-th block (1st, n+1-th, …).
 
     diffusers models call ``self._gradient_checkpointing_func(block, *args)`` for each block in
-    order when checkpointing is on; we replace that function by one that checkpoints every n-th
-    call and runs the others directly, and reset its count at the start of every forward pass.
+    order when checkpointing is on; we hand them a function that checkpoints every n-th call and
+    runs the others directly, and reset its count at the start of every forward pass.
+    ``recompute(block)`` wraps the recomputation of a checkpointed block in backward (offloaded
+    blocks are moved back in there).
     """
-    model.enable_gradient_checkpointing()  # type: ignore[operator]
-    if not interval or interval <= 1:
-        return
-    checkpoint: Any = model._gradient_checkpointing_func
+    every = interval if interval and interval > 1 else 1
     calls = [0]
 
-    def every_nth(block: Any, *args: Any) -> Any:
+    def checkpointed(block: Any, *args: Any) -> Any:
         calls[0] += 1
-        if (calls[0] - 1) % interval == 0:
-            return checkpoint(block, *args)
-        return block(*args)
+        if (calls[0] - 1) % every != 0:
+            return block(*args)
+        kwargs: dict[str, Any] = {"use_reentrant": False}
+        if recompute is not None:
+            kwargs["context_fn"] = functools.partial(_contexts, recompute, block)
+        return torch.utils.checkpoint.checkpoint(block.__call__, *args, **kwargs)
 
     def reset(_module: torch.nn.Module, _args: Any) -> None:
         calls[0] = 0
 
-    model._gradient_checkpointing_func = every_nth  # type: ignore[assignment]
+    model.enable_gradient_checkpointing(gradient_checkpointing_func=checkpointed)  # type: ignore[operator]
     model.register_forward_pre_hook(reset)
+
+
+def _contexts(
+    recompute: RecomputeContext, block: Any
+) -> tuple[contextlib.AbstractContextManager[Any], contextlib.AbstractContextManager[Any]]:
+    return contextlib.nullcontext(), recompute(block)

@@ -161,11 +161,51 @@ def optimizer_settings(config: CoreOptions, accepted: set[str] | None = None) ->
 
 
 def build_optimizer(params: list[torch.nn.Parameter], config: CoreOptions) -> torch.optim.Optimizer:
+    """The optimizer; with fuse_optimizer one per parameter stepped during backward (stune.fused), with
+    optimizer_cpu_offload_method=torchao wrapped in torchao's CPUOffloadOptimizer."""
     name = config.optimizer
     cls = _optimizer_class(name)
     _check_overrides(cls, config.optimizer_overrides, name)
-    optimizer: torch.optim.Optimizer = cls(params, **optimizer_settings(config, _accepted(cls)))
+    settings = optimizer_settings(config, _accepted(cls))
+    if config.fuse_optimizer:
+        from stune.fused import FusedOptimizer
+
+        clip = config.max_grad_norm if clips_gradients(config) else None
+        return FusedOptimizer(params, lambda group: cls(group, **settings), clip)
+    if config.optimizer_cpu_offload_method == "torchao":
+        from torchao.optim import CPUOffloadOptimizer
+
+        offloaded: torch.optim.Optimizer = CPUOffloadOptimizer(
+            params, cls, offload_gradients=config.optimizer_offload_gradients, **settings
+        )
+        return offloaded
+    optimizer: torch.optim.Optimizer = cls(params, **settings)
     return optimizer
+
+
+def check_cpu_offload(config: CoreOptions) -> None:
+    """torchao's CPUOffloadOptimizer streams state between a CUDA (or XPU) device and the CPU."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("torchao") is None:
+        raise ConfigError("optimizer_cpu_offload_method=torchao needs torchao; install it (`pip install torchao`).")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "optimizer_cpu_offload_method=torchao moves optimizer state between a CUDA GPU and the CPU, and this "
+            "machine has no CUDA GPU; set it to none."
+        )
+    if config.optimizer in BNB or config.optimizer == "adamw_bf16":
+        raise ConfigError(
+            f"optimizer_cpu_offload_method=torchao runs the optimizer on the CPU, where {config.optimizer}'s "
+            "low-precision state brings nothing; use torch-adamw."
+        )
+    if config.gradient_accumulation_steps > 1 and config.optimizer_offload_gradients:
+        raise ConfigError(
+            "optimizer_offload_gradients moves each gradient to the CPU as it is made, so gradients cannot "
+            "accumulate; set gradient_accumulation_steps 1 or turn it off."
+        )
 
 
 def prodigy_adapt_steps(config: CoreOptions, max_steps: int) -> int:

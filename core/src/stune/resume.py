@@ -9,17 +9,23 @@ feature's generator), so a resumed run draws exactly what the uninterrupted one 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 
-from stune import checkpoint
+from stune import checkpoint, sharding
 from stune.run import Run
 
 log = logging.getLogger("stune.train")
 EMA_STATE = "ema_state.safetensors"
+#: the adapter's tensors that its loadable format does not hold as they are (Adapter.resume_state)
+ADAPTER_STATE = "adapter_state.safetensors"
 
 
 def save_adapter(run: Run, folder: Path) -> list[Path]:
@@ -34,12 +40,38 @@ def save_adapter(run: Run, folder: Path) -> list[Path]:
     )
 
 
+def gather_weights(run: Run) -> dict[str, torch.Tensor] | None:
+    """Sharded runs: every weight gathered whole for saving (all processes call this); else None."""
+    if run.sharded == "fsdp2":
+        return sharding.full_state_dict(run.transformer)
+    if run.sharded == "engine":
+        gathered: dict[str, torch.Tensor] = run.accelerator.get_state_dict(run.transformer)
+        return gathered
+    return None
+
+
+@contextlib.contextmanager
+def saving_from(run: Run, gathered: dict[str, torch.Tensor] | None) -> Iterator[None]:
+    """The adapter writes ``gathered`` (sharded runs) instead of reading its sharded modules."""
+    assert run.adapter is not None
+    run.adapter.gathered = gathered
+    try:
+        yield
+    finally:
+        run.adapter.gathered = None
+
+
 def save_checkpoint(run: Run) -> Path:
     state, features = run.state, run.session.features
-    assert run.noise_generator is not None
+    assert run.noise_generator is not None and run.placement is not None
+    sharded: dict[str, Any] = {}  # what the sharded weights and optimizer gave, for the main process
 
     def write(folder: Path) -> None:  # main process
-        save_adapter(run, folder)
+        with saving_from(run, sharded.get("weights")):
+            save_adapter(run, folder)
+        exact = run.adapter.resume_state() if run.adapter is not None else {}
+        if exact:
+            save_file(exact, str(folder / ADAPTER_STATE))
         if run.ema is not None:
             save_file(run.ema.state_dict(), str(folder / EMA_STATE))
         checkpoint.write_state(
@@ -47,14 +79,19 @@ def save_checkpoint(run: Run) -> Path:
             {
                 "seed": run.seed,
                 "state": state.to_json(),
-                "optimizer": run.optimizer.state_dict(),
+                "optimizer": sharded["optimizer"] if sharded else run.optimizer.state_dict(),
+                "optimizer_format": sharded.get("format", sharding.PLAIN),
                 "lr_scheduler": run.lr_scheduler.state_dict(),
                 "features": {f.name: f.state_dict() for f in features},
             },
         )
         (folder / "training_state.json").write_text(json.dumps({"seed": run.seed, **state.to_json()}, indent=2))
 
-    def write_each(folder: Path) -> None:  # every process: its own random streams
+    def write_each(folder: Path) -> None:  # every process: its own random streams (and its shards)
+        if run.sharded is not None:
+            sharded["weights"] = gather_weights(run)
+            fmt, optimizer = sharding.save_optimizer(run.transformer, run.optimizer, folder, run.session.config)
+            sharded.update(format=fmt, optimizer=optimizer)
         own = {
             "rng": checkpoint.capture_rng(),
             "noise_generator": run.noise_generator.get_state(),  # type: ignore[union-attr]
@@ -63,9 +100,11 @@ def save_checkpoint(run: Run) -> Path:
         checkpoint.write_state(folder, own, checkpoint.rng_file(run.processes.rank))
 
     config = run.session.config
-    path = checkpoint.save(
-        run.output_dir, state.global_step, write, config.checkpoints_total_limit, run.processes, write_each
-    )
+    resident = run.residency is None and run.sharded is None  # offload_during_save moves whole models only
+    with run.placement.transformer_saving(run.accelerator.unwrap_model(run.transformer), resident):
+        path = checkpoint.save(
+            run.output_dir, state.global_step, write, config.checkpoints_total_limit, run.processes, write_each
+        )
     run.session.host.hooks.on_checkpoint_saved(state=state, path=path)
     return path
 
@@ -74,10 +113,18 @@ def resume(run: Run) -> None:
     if run.resume_from is None or run.resumed is None:
         return
     assert run.adapter is not None and run.noise_generator is not None
-    run.adapter.load(run.resume_from)
+    if run.sharded != "fsdp2":  # an FSDP2 run loaded its adapter before sharding (stune.preparation)
+        run.adapter.load(run.resume_from)
+    if (run.resume_from / ADAPTER_STATE).is_file():
+        run.adapter.load_resume_state(load_file(str(run.resume_from / ADAPTER_STATE)))
     if run.ema is not None and (run.resume_from / EMA_STATE).is_file():
         run.ema.load_state_dict(load_file(str(run.resume_from / EMA_STATE)))
-    run.optimizer.load_state_dict(run.resumed["optimizer"])
+    fmt = run.resumed.get("optimizer_format", sharding.PLAIN)
+    if fmt == sharding.PLAIN and run.sharded is None:
+        run.optimizer.load_state_dict(run.resumed["optimizer"])
+    else:  # written sharded, or read into a sharded run: by parameter name
+        model = run.accelerator.unwrap_model(run.transformer) if run.sharded is None else run.transformer
+        sharding.load_optimizer(model, run.optimizer, run.resume_from, fmt, run.resumed["optimizer"])
     run.lr_scheduler.load_state_dict(run.resumed["lr_scheduler"])
     for feature in run.session.features:
         feature.load_state_dict(run.resumed.get("features", {}).get(feature.name, {}))

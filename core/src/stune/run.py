@@ -22,6 +22,7 @@ from stune.data.prepare import PreparedData
 from stune.distributed import Processes
 from stune.ema import EMA
 from stune.family import Components
+from stune.offload import Placement, Residency
 from stune.session import Session
 from stune.state import TrainState
 from stune.step import FlowStep, Predictor
@@ -70,9 +71,14 @@ class Run:
     flow: FlowStep | None = None
     predictor: Predictor | None = None
     trackers: Trackers | None = None
+    # memory: where modules are (text encoders, VAE), blocks moved in and out, sharding
+    placement: Placement | None = None
+    residency: Residency | None = None
+    #: "fsdp2" (torch fully_shard, stune.sharding), "engine" (FSDP 1 / DeepSpeed through accelerate) or None
+    sharded: str | None = None
 
 
-def _accelerator(mixed_precision: str) -> Any:
+def _accelerator(mixed_precision: str, **plugins: Any) -> Any:
     """An Accelerator for this run. accelerate keeps its precision in a process-wide singleton;
     a second run in the same process (tests, notebooks) may ask for another precision, so that
     part is cleared first. The process-group part (PartialState) is kept."""
@@ -84,21 +90,25 @@ def _accelerator(mixed_precision: str) -> Any:
     # accelerate only builds a multi-process CPU (gloo) group when told the run is on the CPU.
     no_gpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(mixed_precision=mixed_precision, cpu=no_gpu and multi)
+    return Accelerator(mixed_precision=mixed_precision, cpu=no_gpu and multi, **plugins)
 
 
 def setup(session: Session) -> Run:
     from accelerate.utils import set_seed
 
+    from stune.sharding import accelerate_plugins
+    from stune.speed import set_process_options
+
     config = session.config
-    accelerator = _accelerator(config.mixed_precision)
+    set_process_options(config)
+    accelerator = _accelerator(config.mixed_precision, **accelerate_plugins(config, []))
     output_dir = Path(config.output_dir)
     resume_from = checkpoint.resolve_resume(output_dir, config.resume_from_checkpoint)
     resumed = checkpoint.read_state(resume_from) if resume_from else None
     # A run without a seed picks one and records it, so a resumed run replays the same batches.
     seed = int(resumed["seed"]) if resumed else (config.seed if config.seed is not None else random.randrange(2**31))
     set_seed(seed)
-    return Run(
+    run = Run(
         session=session,
         accelerator=accelerator,
         processes=Processes(accelerator.process_index, accelerator.num_processes, accelerator),
@@ -109,6 +119,8 @@ def setup(session: Session) -> Run:
         started=time.perf_counter(),
         result=TrainResult(output_dir, [], 0),
     )
+    run.placement = Placement(accelerator.device, config)
+    return run
 
 
 def peak_memory_mb(device: torch.device) -> float:

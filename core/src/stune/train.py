@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 
 from stune import optim
 from stune._defaults import weight_dtype
-from stune.adapters import create_adapter
 from stune.checks import check_datasets
 from stune.data.loader import BatchLoader, BatchPlan
 from stune.data.prepare import fill_caches, plan_caches, scan
@@ -37,12 +36,13 @@ from stune.errors import UserError
 from stune.evaluation import Evaluator, make_evaluator
 from stune.family import LoadRequest
 from stune.features import FeatureContext
-from stune.memory import enable_gradient_checkpointing
+from stune.fused import FusedOptimizer
 from stune.metrics import MetricsLog
+from stune.preparation import finish_transformer, prepare_transformer
 from stune.publish import finish_run
 from stune.quantize import QuantizeTarget, plan_targets
 from stune.report import write_report, write_run_file
-from stune.resume import resume, save_adapter, save_checkpoint
+from stune.resume import gather_weights, resume, save_adapter, save_checkpoint, saving_from
 from stune.run import Run, TrainResult, peak_memory_mb, run_summary, setup
 from stune.session import Session
 from stune.signals import StopRequest
@@ -82,12 +82,17 @@ def load_data(run: Run) -> None:
     missing_captions = len(cache_plan.missing_captions)
     log.info("caches: %d latents and %d captions to encode", cache_plan.missing_latents, missing_captions)
 
-    request = LoadRequest(device=device, weight_dtype=weight_dtype(config), text_encoders=missing_captions > 0)
+    placement = run.placement
+    assert placement is not None
+    request = LoadRequest(placement.load_device, weight_dtype(config), text_encoders=missing_captions > 0)
+    if placement.vae_dtype() is not None:
+        request.dtypes["vae"] = placement.vae_dtype()  # type: ignore[assignment]
     after_load = _quantize_while_loading(run, request, plan_targets(config, family, device))
     components = session.host.hooks.load_model(family=family, config=config, request=request)
     session.host.hooks.quantize(components=components, family=family, config=config, targets=after_load)
+    placement.after_load(components)
 
-    data = fill_caches(cache_plan, config, family, components, session.host, device, run.processes)
+    data = fill_caches(cache_plan, config, family, components, session.host, device, run.processes, placement)
     shares = run.processes.gather((data.encoded_latents, data.encoded_captions))
     log.info(
         "caches filled: %d latents and %d captions encoded%s",
@@ -98,10 +103,7 @@ def load_data(run: Run) -> None:
     if run.accelerator.is_main_process:
         report.write(run.output_dir)
     report.log_problems()
-    # Text encoders are not needed once every caption is cached; free their memory now.
-    components.text_encoders.clear()
-    if components.vae is not None and device.type != "cpu":
-        components.vae.to("cpu")
+    placement.after_caching(components)  # text encoders freed, the VAE off the accelerator
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -136,10 +138,7 @@ def build_model(run: Run) -> None:
     session, config, family, accelerator = run.session, run.session.config, run.session.family, run.accelerator
     device = accelerator.device
     assert run.components is not None and run.data is not None
-    transformer = run.components.transformer.to(device)
-    adapter = create_adapter(transformer, family, config, optim.trainable_dtype(config))
-    if config.gradient_checkpointing:
-        enable_gradient_checkpointing(transformer, config.gradient_checkpointing_interval)
+    transformer, adapter = prepare_transformer(run)  # kernels, offloading, adapter, checkpointing
     for feature in session.features:
         generator = torch.Generator(device).manual_seed(_feature_seed(run.seed, feature.name, run.processes.rank))
         feature.bind(FeatureContext(device=device, seed=run.seed, rank=run.processes.rank, generator=generator))
@@ -151,6 +150,7 @@ def build_model(run: Run) -> None:
         config=config,
     )
     transformer.train()
+    finish_transformer(run, transformer, adapter)  # sharding, compilation
 
     params = adapter.parameters()
     optimizer = optim.build_optimizer(params, config)
@@ -172,11 +172,14 @@ def build_model(run: Run) -> None:
         raise UserError("Nothing to train: set max_train_steps or num_train_epochs above 0.")
     lr_scheduler = optim.build_lr_scheduler(optimizer, config, run.max_steps)
     unwrapped = transformer
-    if accelerator.distributed_type.value in _SHARDED_ENGINES:
+    if run.sharded == "fsdp2":
+        pass  # sharded in place by stune.sharding; no data-parallel wrapper on top
+    elif accelerator.distributed_type.value in _SHARDED_ENGINES:
         # DeepSpeed/FSDP build their engine from the model and the optimizer together.
         transformer, optimizer = accelerator.prepare(transformer, optimizer)
     else:
-        transformer = accelerator.prepare(transformer)
+        # Offloaded blocks stay where they are: accelerate would move the whole model to the device.
+        transformer = accelerator.prepare(transformer, device_placement=[run.residency is None])
         # accelerate's optimizer wrapper is needed only to unscale fp16 gradients; otherwise it
         # costs ~0.5 ms per step (it probes installed packages on every step).
         if config.mixed_precision == "fp16":
@@ -198,9 +201,12 @@ def build_model(run: Run) -> None:
 
 
 def evaluate(run: Run, evaluator: Evaluator | None, metrics: MetricsLog | None) -> None:
-    if evaluator is None or metrics is None or run.predictor is None:
+    # Sharded weights are gathered by every process together: all of them evaluate, the main one logs.
+    if evaluator is None or run.predictor is None or (metrics is None and run.sharded is None):
         return
     outcome = evaluator.evaluate(run.predictor, run.state.global_step)
+    if metrics is None:
+        return
     log.info("eval loss at step %d: %.6f", outcome.step, outcome.loss)
     metrics.write(outcome.record())
     run.trackers.log(outcome.record(), run.state.global_step)  # type: ignore[union-attr]
@@ -244,19 +250,28 @@ def micro_step(run: Run, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str,
 def _clip_and_measure(run: Run) -> float:
     """Clip the gradients as configured; return their norm before clipping."""
     config, accelerator, params = run.session.config, run.accelerator, run.params
+    if isinstance(run.optimizer, FusedOptimizer):  # clipped and stepped during backward
+        return run.optimizer.take_grad_norm()
+    if accelerator.distributed_type.value == "DEEPSPEED":  # the engine clipped (gradient_clipping) and stepped
+        return float(run.transformer.get_global_grad_norm() or 0.0)
     clip = optim.clips_gradients(config)
     # accelerate's clipping unscales fp16 gradients and knows sharded engines; otherwise torch's
     # own does the same work without accelerate's per-call state lookups (~0.5 ms a step).
-    plain = config.mixed_precision != "fp16" and accelerator.distributed_type.value == "NO"
+    plain = config.mixed_precision != "fp16" and (accelerator.distributed_type.value == "NO" or run.sharded == "fsdp2")
     if clip and config.grad_clip_method == "norm":
         clip_norm = torch.nn.utils.clip_grad_norm_ if plain else accelerator.clip_grad_norm_
-        return float(clip_norm(params, config.max_grad_norm))
+        return _number(clip_norm(params, config.max_grad_norm))
     grads = [p.grad for p in params if p.grad is not None]
-    norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    norm = _number(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
     if clip:
         clip_value = torch.nn.utils.clip_grad_value_ if plain else accelerator.clip_grad_value_
         clip_value(params, config.max_grad_norm)
     return norm
+
+
+def _number(value: torch.Tensor) -> float:
+    full = getattr(value, "full_tensor", None)  # an FSDP2 norm is a distributed tensor
+    return float(full() if full is not None else value)
 
 
 def loop(run: Run) -> None:
@@ -313,11 +328,13 @@ def loop(run: Run) -> None:
                     metric_sums[name] = metric_sums.get(name, 0.0) + number
                 samples += len(batch["paths"]) * accelerator.num_processes
                 paths = batch["paths"]
+            if run.residency is not None:
+                run.residency.settle()  # offloaded blocks back out before the step
             grad_norm = _clip_and_measure(run)
             step_lr = run.lr_scheduler.get_last_lr()[0]  # the rate this step was taken with
             run.optimizer.step()
             run.lr_scheduler.step()
-            run.optimizer.zero_grad(set_to_none=True)
+            run.optimizer.zero_grad(set_to_none=config.set_grads_to_none)
             state.global_step += 1
             if run.ema is not None:
                 run.ema.update(state.global_step)
@@ -396,9 +413,11 @@ def _due(interval: int | None, step: int) -> bool:
 
 def export(run: Run) -> None:
     session, accelerator, result, output_dir = run.session, run.accelerator, run.result, run.output_dir
+    gathered = gather_weights(run)  # sharded runs: every process takes part
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        result.adapter_files = save_adapter(run, output_dir)
+        with saving_from(run, gathered):
+            result.adapter_files = save_adapter(run, output_dir)
         if run.ema is not None:  # the EMA weights, in the same loadable format, beside the trained ones
             with run.ema.applied():
                 result.adapter_files += save_adapter(run, output_dir / "ema")

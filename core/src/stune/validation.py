@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
+from stune.attention import validation_attention
 from stune.family import ValidationRequest
 from stune.opts.validation import MAIN_NICKNAME, file_slug, load_prompt_images, load_prompt_library
 
@@ -162,11 +163,13 @@ def render(
     output_dir: Path,
     prefix: str | None = None,
     inputs: dict[str, Path] | None = None,
+    save: bool = True,
 ) -> list[Path]:
     """Render every (prompt, resolution, image) and save it; return the written files.
 
     ``prefix`` replaces ``step-<step>`` at the start of the file names (``base`` for the base model);
-    ``inputs``: nickname → input image, for edit models.
+    ``inputs``: nickname → input image, for edit models; ``save`` false: render only (the other
+    processes of a sharded run, whose forwards the main one needs).
     """
     prompts = rendered_prompts(config)
     if not prompts:
@@ -209,6 +212,8 @@ def render(
         raise RuntimeError(
             f"{family.name}.render_validation returned {len(images)} images for {len(requests)} requests"
         )
+    if not save:
+        return []
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     for path, image in zip(paths, images, strict=True):
         image.save(path)
@@ -222,12 +227,14 @@ def render(
 def validate(run: Run, prefix: str | None = None) -> list[Path]:
     """Render the validation prompts now (``prefix``: file-name prefix instead of the step's)."""
     config, components, accelerator = run.session.config, run.components, run.accelerator
-    if not accelerator.is_main_process or not rendered_prompts(config):
+    # Sharded weights are gathered by every process together: all of them render, the main one saves.
+    main = accelerator.is_main_process
+    if (not main and run.sharded is None) or not rendered_prompts(config):
         return []
     assert components is not None and run.data is not None and run.trackers is not None
-    device = accelerator.device
-    if components.vae is not None:
-        components.vae.to(device)
+    assert run.placement is not None
+    if run.residency is not None:
+        run.residency.before_inference()
 
     family = run.session.family
     inputs = validation_inputs(config, eval_references(run.data.report)) if family.takes_reference_images() else None
@@ -235,16 +242,18 @@ def validate(run: Run, prefix: str | None = None) -> list[Path]:
     def draw(name: str | None) -> list[Path]:
         model = accelerator.unwrap_model(run.transformer)
         cache, step = run.data.text_cache, run.state.global_step  # type: ignore[union-attr]
-        return render(family, components, model, config, cache, step, run.output_dir, name, inputs)
+        return render(family, components, model, config, cache, step, run.output_dir, name, inputs, main)
 
     ema = run.ema
     with_ema = ema is not None and config.ema_validation != "none" and prefix != BASE_PREFIX
-    images = [] if with_ema and config.ema_validation == "ema_only" else draw(prefix)
-    if with_ema and ema is not None:
-        with ema.applied():  # the EMA weights' images, named <step>-ema-…
-            images += draw(f"{prefix or step_prefix(run.state.global_step)}-ema")
-    if components.vae is not None and device.type != "cpu":
-        components.vae.to("cpu")
+    unwrapped = accelerator.unwrap_model(run.transformer)
+    with run.placement.vae_for_validation(components.vae), validation_attention(config, unwrapped):
+        images = [] if with_ema and config.ema_validation == "ema_only" else draw(prefix)
+        if with_ema and ema is not None:
+            with ema.applied():  # the EMA weights' images, named <step>-ema-…
+                images += draw(f"{prefix or step_prefix(run.state.global_step)}-ema")
+    if not main:
+        return []
     run.trackers.log_images(images, run.state.global_step)
     run.session.host.hooks.on_validation_done(state=run.state, images=images)
     return images
@@ -254,7 +263,7 @@ def validate_base_model(run: Run) -> None:
     """Base-model images to compare the trained ones with: the adapter switched off (a full
     fine-tune holds the base weights only before its first step)."""
     config, adapter = run.session.config, run.adapter
-    if not run.accelerator.is_main_process or not benchmark_needed(config, run.output_dir):
+    if (not run.accelerator.is_main_process and run.sharded is None) or not benchmark_needed(config, run.output_dir):
         return
     assert adapter is not None
     if adapter.can_disable:

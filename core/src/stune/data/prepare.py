@@ -16,6 +16,7 @@ from stune.data.loader import Sample
 from stune.data.metadata import Skipped
 from stune.data.report import Report, scan_all
 from stune.distributed import Processes
+from stune.offload import Placement
 
 if TYPE_CHECKING:
     from stune.config import CoreOptions
@@ -135,6 +136,7 @@ def fill_caches(
     host: PluginHost,
     device: torch.device,
     processes: Processes | None = None,
+    placement: Placement | None = None,
 ) -> PreparedData:
     """Encode whatever is missing from the caches; return the training and eval samples.
 
@@ -142,15 +144,16 @@ def fill_caches(
     of the full lists, so no entry is encoded twice), then all wait for each other.
     """
     processes = processes or Processes()
+    placement = placement or Placement(device, config)
     encoded_latents = 0
     vae = components.vae
-    offload = config.offload_during_startup and device.type != "cpu"
-    if offload:  # only the encoder at work stays on the accelerator
-        for encoder in components.text_encoders.values():
-            encoder.to("cpu")
+    startup = config.offload_during_startup
+    if startup:  # only the encoder at work stays on the accelerator
+        for name, encoder in components.text_encoders.items():
+            placement.off(name, encoder, "offload_during_startup")
 
     def encode_images(pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
+        with torch.no_grad(), placement.using({"vae": vae}, "encoding images"):  # enable_model_cpu_offload
             return family.encode_images(components, pixels.to(vae.device, dtype=vae.dtype))
 
     def prepare(job: LatentJob) -> tuple[np.ndarray, np.ndarray | None]:
@@ -182,10 +185,10 @@ def fill_caches(
                         d.extra_skipped.append(Skipped(image, "unreadable reference", f"{reference}: {error}"))
     plan.report.check_trainable()  # decoding may have removed the last images of a dataset
 
-    if offload:
-        vae.to("cpu")
-        for encoder in components.text_encoders.values():
-            encoder.to(device)
+    if startup:
+        placement.off("vae", vae, "offload_during_startup")
+        for name, encoder in components.text_encoders.items():
+            placement.on(name, encoder, "offload_during_startup")
 
     def encode_text(prompts: list[str]) -> list[dict[str, torch.Tensor]]:
         captions = [p for p in prompts if p != DROPPED_CAPTION]
@@ -199,9 +202,10 @@ def fill_caches(
         return [dropped if p == DROPPED_CAPTION else next(encoded) for p in prompts]
 
     captions = list(dict.fromkeys(c for c in plan.captions if c not in plan.trusted_captions))
-    encoded_captions = plan.text_cache.fill(
-        processes.share(captions), encode_text, config.text_encoder_batch_size, plan.report.text_write_batch_size
-    )
+    with placement.using(dict(components.text_encoders), "encoding captions"):
+        encoded_captions = plan.text_cache.fill(
+            processes.share(captions), encode_text, config.text_encoder_batch_size, plan.report.text_write_batch_size
+        )
     processes.barrier()  # every process reads every entry from here on
 
     samples: list[Sample] = []
