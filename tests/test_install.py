@@ -44,6 +44,9 @@ def test_core_alone_lists_plugins_and_names_missing_packages(core_only_venv: Pat
     assert "pip install stune-flux" in missing.stderr
     assert "Traceback" not in missing.stderr
 
+    server = _st_train(core_only_venv, ["server"], tmp_path)
+    assert server.returncode == 2 and "pip install stune-web" in server.stderr
+
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "config.json").write_text(json.dumps({"model_family": "flux", "flux_lora_target": "all"}))
     by_key = _st_train(core_only_venv, [], tmp_path)

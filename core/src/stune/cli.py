@@ -28,13 +28,14 @@ commands:
   plugins    list installed plugins and what each provides (JSON)
   options    list every option with its default and help
   check      check a config and its datasets without training
+  configure  answer a few questions; write config/config.json and config/multidatabackend.json
   demo       train a LoRA on a tiny generated model and dataset, on the CPU, in a few minutes
   report     rebuild OUTPUT_DIR/report.html (loss curves, validation images) from what is on disk
 
 Run `st-train COMMAND --help` for a command's arguments.
 """
 
-BUILTIN_COMMANDS = ("train", "plugins", "options", "check", "demo", "report")
+BUILTIN_COMMANDS = ("train", "plugins", "options", "check", "configure", "demo", "report")
 
 
 def _plugin_argument(parser: argparse.ArgumentParser) -> None:
@@ -183,6 +184,12 @@ def cmd_check(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_configure(argv: Sequence[str]) -> int:
+    from stune.configure import run
+
+    return run(argv, sys.stdout)
+
+
 def cmd_demo(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="st-train demo",
@@ -234,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plugins": cmd_plugins,
         "options": cmd_options,
         "check": cmd_check,
+        "configure": cmd_configure,
         "demo": cmd_demo,
         "report": cmd_report,
     }
@@ -256,6 +264,14 @@ def _plugin_command(command: str, argv: Sequence[str]) -> int:
 
     host = PluginHost.build()
     if command not in host.commands:
+        owner = next((e for e in host.catalog.values() if command in e.commands), None)
+        if owner is not None:
+            from stune.errors import PluginNotInstalled
+
+            raise PluginNotInstalled(
+                f"`st-train {command}` comes with the `{owner.name}` plugin; install it with "
+                f"`pip install {owner.distribution}`."
+            )
         known = ", ".join([*BUILTIN_COMMANDS, *sorted(host.commands)])
         raise UserError(f"Unknown command `{command}`; commands are: {known}.")
     spec = host.commands[command]

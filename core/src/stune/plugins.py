@@ -53,6 +53,7 @@ class CatalogEntry:
     families: list[str]
     options: list[str]
     neutral: dict[str, Any]
+    commands: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -95,6 +96,7 @@ def load_catalog() -> dict[str, CatalogEntry]:
             families=entry.get("families", []),
             options=entry.get("options", []),
             neutral=entry.get("neutral", {}),
+            commands=entry.get("commands", []),
         )
         for name, entry in data.items()
         if not name.startswith("_")
