@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 INSTALLED := $(VENV)/.stune-installed
 TEST_TOOLS := $(VENV)/.stune-test-tools
-PLUGINS := plugins/flux plugins/sd3 plugins/hidream plugins/tread plugins/rollout
+PLUGINS := plugins/flux plugins/sd3 plugins/hidream plugins/tread plugins/rollout plugins/web
 export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
@@ -18,7 +18,7 @@ $(PY):
 
 # torch first, chosen for the machine: a plain `torch` requirement on a machine without it would
 # pull a multi-GB CUDA build. Without a GPU we take the CPU build (on this machine's disk).
-$(INSTALLED): $(PY) core/pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
+$(INSTALLED): $(PY) core/pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS)) plugins/quant/pyproject.toml
 	@if $(PY) -c "import torch" 2>/dev/null; then \
 		echo "torch already installed: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
 	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
@@ -26,7 +26,9 @@ $(INSTALLED): $(PY) core/pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
 	else \
 		$(PIP) install -q "torch==2.13.0" || $(PIP) install -q torch --index-url https://download.pytorch.org/whl/cpu; \
 	fi
-	$(PIP) install -q -e 'core[parquet,trackers]' $(addprefix -e ,$(PLUGINS))
+	$(PIP) install -q -e 'core[parquet,trackers]' $(addprefix -e ,$(PLUGINS)) -e 'plugins/quant[all]'
+	# optimum-quanto compiles its C++ extension (int4/int2) on first use: once here, not in every test
+	$(PY) -m stune_quant.warmup
 	@touch $@
 
 # Browser tests (report.html, the web interface) drive Debian's chromium through selenium; where
@@ -60,6 +62,8 @@ bench: $(INSTALLED)
 	$(PY) bench/optimizers.py
 	$(PY) bench/tread.py
 	$(PY) bench/rollout.py
+	$(PY) bench/quantization.py
+	$(PY) bench/memory.py
 
 clean:
 	rm -rf $(VENV) demo

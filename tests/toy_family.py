@@ -252,7 +252,7 @@ class ToyFamily(ModelFamily):
                 encoders["text_encoder"] = CLIPTextModel.from_pretrained(
                     path, subfolder="text_encoder", **request.pretrained_kwargs("text_encoder", "dtype")
                 )
-            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=request.weight_dtype)
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=request.dtype("vae"))
             transformer = ToyDiT.from_pretrained(
                 path, subfolder="transformer", **request.pretrained_kwargs("transformer")
             )

@@ -263,7 +263,8 @@ def svg_chart(title: str, series: dict[str, list[tuple[float, float]]], width: i
             )
         if len(series) > 1:
             parts.append(
-                f"<text x='{left + w - 4}' y='{top + 14 + 13 * index}' class='l' text-anchor='end' fill='{colour}'>{html.escape(name)}</text>"
+                f"<text x='{left + w - 4}' y='{top + 14 + 13 * index}' class='l' text-anchor='end' "
+                f"style='fill:{colour}'>{html.escape(name)}</text>"
             )
     parts.append("</svg>")
     return "".join(parts)

@@ -43,15 +43,16 @@ def prepare(
     of the configuration (``base_model_precision`` → quant, ``tread_config`` → tread) joins them,
     so ``st-train --plugin hidream`` runs a seed config that quantizes.
     """
+    selected = host is None
+    host = host or PluginHost.build(plugins)  # a missing --plugin is named before anything else
     path = find_config_file(config_path)
     raw: dict[str, Any] = read_config_file(path) if path is not None else {}
     raw.update(overrides or {})
     if path is None and not raw:
         raise ConfigError("No configuration found: create config/config.json, or pass --config PATH or --key=value.")
-    if host is None:
-        host = PluginHost.build(plugins)
+    if selected and plugins is not None:
         needed = _installed_owners(host, raw)
-        if plugins is not None and needed:
+        if needed:
             host = PluginHost.build([*plugins, *needed])
     config = validate_config(raw, host.config_model(), host)
     family_cls = host.family_class(config.model_family)

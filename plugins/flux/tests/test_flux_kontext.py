@@ -208,7 +208,9 @@ def test_strict_pairs_with_a_missing_partner_are_skipped_and_named(
     assert edits["references"] == str(tmp_path / "refs")
 
 
-def test_loose_pairs_of_another_size_train(tmp_path: Path, tiny_flux_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_loose_pairs_of_another_size_train(
+    tmp_path: Path, tiny_flux_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run = kontext_run(tmp_path, tiny_flux_dir, strict=False, max_train_steps=2, checkpoint_step_interval=0)
     result = _train(run, monkeypatch)
     assert result.final_step == 2
@@ -245,7 +247,9 @@ def test_kontext_without_references_and_references_without_kontext_are_refused(
     monkeypatch.chdir(run)
     with pytest.raises(ConfigError, match="learns edits from"):
         (run / "config" / "multidatabackend.json").write_text(
-            json.dumps([{k: v for k, v in d.items() if k != "conditioning_data"} for d in datasets if d["id"] != "refs"])
+            json.dumps(
+                [{k: v for k, v in d.items() if k != "conditioning_data"} for d in datasets if d["id"] != "refs"]
+            )
         )
         train(prepare(host=PluginHost.build(["flux"])))
     (run / "config" / "multidatabackend.json").write_text(json.dumps(datasets))

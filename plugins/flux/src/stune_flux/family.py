@@ -161,7 +161,7 @@ class FluxFamily(ModelFamily[FluxOptions]):
                 )
             vae_path = cfg.pretrained_vae_model_name_or_path or path
             vae = AutoencoderKL.from_pretrained(
-                vae_path, subfolder=_subfolder(vae_path, "vae"), torch_dtype=request.weight_dtype
+                vae_path, subfolder=_subfolder(vae_path, "vae"), torch_dtype=request.dtype("vae")
             )
             if cfg.pretrained_transformer_model_name_or_path:
                 t_path, t_sub = cfg.pretrained_transformer_model_name_or_path, cfg.pretrained_transformer_subfolder

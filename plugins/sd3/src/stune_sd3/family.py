@@ -160,7 +160,7 @@ class SD3Family(ModelFamily[SD3Options]):
                 encoders["text_encoder_3"] = T5EncoderModel.from_pretrained(
                     path, subfolder="text_encoder_3", **t5_kwargs, **common
                 )
-            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=request.weight_dtype, **common)
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=request.dtype("vae"), **common)
             if cfg.pretrained_transformer_model_name_or_path:
                 t_path, t_sub = cfg.pretrained_transformer_model_name_or_path, cfg.pretrained_transformer_subfolder
             else:
