@@ -22,16 +22,19 @@ def run_demo(plugins: Sequence[str] | None, workdir: str | Path, steps: int | No
         raise UserError("No installed model family plugin ships a demo; install one (see `st-train plugins`).")
     family_cls = candidates[0]
     workdir = Path(workdir).resolve()
-    print(f"stune demo: building a tiny {family_cls.name} model and dataset under {workdir} …", flush=True)
-    config_path = family_cls.build_demo(workdir)
-    # The demo always trains from scratch; a second `make demo` is a new run, not a resume.
-    overrides = {"resume_from_checkpoint": "none", **({"max_train_steps": str(steps)} if steps else {})}
-
+    print(
+        f"stune demo: a tiny {family_cls.name} model and dataset under {workdir} (the first time, its VAE and "
+        "base transformer are trained on generated shapes: a few minutes) …",
+        flush=True,
+    )
     from stune.cli import _setup_logging
     from stune.session import prepare
     from stune.train import train
 
-    _setup_logging()
+    _setup_logging()  # before the build: it logs the VAE's and the base transformer's training
+    config_path = family_cls.build_demo(workdir)
+    # The demo always trains from scratch; a second `make demo` is a new run, not a resume.
+    overrides = {"resume_from_checkpoint": "none", **({"max_train_steps": str(steps)} if steps else {})}
     logging.getLogger("stune").info("config: %s", config_path)
     session = prepare(plugins, config_path, overrides, host=host)
     result = train(session)

@@ -94,3 +94,13 @@ def hidream_run() -> Any:
 def family() -> Any:
     """``family(**options)``: a configured HiDream family (defaults applied, not checked)."""
     return _family
+
+
+@pytest.fixture(scope="session")
+def hidream_demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The HiDream demo's model folder (VAE and base transformer trained), built once per session."""
+    from stune_hidream.tiny import build_demo
+
+    workdir = tmp_path_factory.mktemp("hidream-demo")
+    build_demo(workdir)
+    return workdir / "model"

@@ -4,12 +4,14 @@ The components are the real classes (FluxTransformer2DModel, AutoencoderKL, CLIP
 T5EncoderModel, FlowMatchEulerDiscreteScheduler) at toy sizes, with CLIP and T5 tokenizers
 trained on the fly from a small caption corpus, saved in the standard diffusers folder layout,
 so training loads them through the same ``from_pretrained`` code as a real checkpoint.
+
+The demo (:func:`build_demo`) trains this pipeline's VAE and transformer on shapes first; what is
+the same for every family is in :mod:`stune.demo_assets`.
 """
 
 from __future__ import annotations
 
-import json
-import random
+from functools import partial
 from pathlib import Path
 
 COLOURS = {
@@ -23,6 +25,9 @@ COLOURS = {
     "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle")
+#: the demo transformer's heads (16 wide each): wider than the tests' model, so that a short
+#: pre-training on shapes shows
+DEMO_HEADS = 8
 
 
 def caption_corpus() -> list[str]:
@@ -30,7 +35,9 @@ def caption_corpus() -> list[str]:
     return [*words, "a photo of a cat", "a painting of a house", "the quick brown fox jumps over the lazy dog"]
 
 
-def build_tiny_flux(path: Path, seed: int = 0, *, num_single_layers: int = 2, guidance_embeds: bool = True) -> Path:
+def build_tiny_flux(
+    path: Path, seed: int = 0, *, num_single_layers: int = 2, guidance_embeds: bool = True, num_attention_heads: int = 2
+) -> Path:
     """Save a tiny FLUX pipeline (random weights) at ``path``; returns ``path``."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -93,7 +100,7 @@ def build_tiny_flux(path: Path, seed: int = 0, *, num_single_layers: int = 2, gu
         num_layers=1,
         num_single_layers=num_single_layers,
         attention_head_dim=16,
-        num_attention_heads=2,
+        num_attention_heads=num_attention_heads,
         joint_attention_dim=hidden,
         pooled_projection_dim=hidden,
         guidance_embeds=guidance_embeds,
@@ -121,96 +128,22 @@ def build_tiny_flux(path: Path, seed: int = 0, *, num_single_layers: int = 2, gu
     return path
 
 
-def draw_shape(colour: str, shape: str, background: str, size: int, rng: random.Random):  # type: ignore[no-untyped-def]
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (size, size), COLOURS[background])
-    draw = ImageDraw.Draw(img)
-    r = size * rng.uniform(0.22, 0.32)
-    cx, cy = size / 2 + rng.uniform(-0.1, 0.1) * size, size / 2 + rng.uniform(-0.1, 0.1) * size
-    box = (cx - r, cy - r, cx + r, cy + r)
-    if shape == "circle":
-        draw.ellipse(box, fill=COLOURS[colour])
-    elif shape == "square":
-        draw.rectangle(box, fill=COLOURS[colour])
-    else:
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[colour])
-    return img
-
-
 def build_dataset(folder: Path, count: int = 12, size: int = 96, seed: int = 0) -> Path:
     """Coloured shapes with a caption .txt beside each image."""
-    rng = random.Random(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    names = list(COLOURS)
-    for i in range(count):
-        colour, background = rng.sample(names, 2)
-        shape = SHAPES[i % len(SHAPES)]
-        draw_shape(colour, shape, background, size, rng).save(folder / f"shape_{i:03d}.png")
-        (folder / f"shape_{i:03d}.txt").write_text(f"a {colour} {shape} on a {background} background\n")
-    return folder
+    from stune import demo_assets
+
+    chosen = demo_assets.random_pictures(count, list(demo_assets.PALETTE), seed)
+    return demo_assets.write_pictures(folder, chosen, size=size, seed=seed)
 
 
 def build_demo(workdir: Path) -> Path:
-    """Tiny model + dataset + SimpleTuner-style config under ``workdir``; returns the config path."""
+    """The demo under ``workdir``: the tiny FLUX model with a trained VAE and a base transformer
+    pre-trained on shapes (built once, kept in ``workdir/model``), the concept pictures and the
+    LoRA config; returns the config's path."""
+    from stune import demo_assets
+
     model = workdir / "model"
-    if not (model / "model_index.json").is_file():
-        build_tiny_flux(model)
-    data = workdir / "datasets" / "shapes"
-    if not data.is_dir():
-        build_dataset(data)
-    config_dir = workdir / "config"
-    config_dir.mkdir(parents=True, exist_ok=True)
-    (config_dir / "multidatabackend.json").write_text(
-        json.dumps(
-            [
-                {
-                    "id": "shapes",
-                    "type": "local",
-                    "instance_data_dir": str(data),
-                    "caption_strategy": "textfile",
-                    "resolution": 64,
-                    "resolution_type": "pixel_area",
-                    "cache_dir_vae": str(workdir / "cache" / "vae" / "shapes"),
-                    "repeats": 0,
-                },
-                {
-                    "id": "text-embeds",
-                    "type": "local",
-                    "dataset_type": "text_embeds",
-                    "default": True,
-                    "cache_dir": str(workdir / "cache" / "text"),
-                },
-            ],
-            indent=2,
-        )
-    )
-    config = {
-        "model_family": "flux",
-        "model_type": "lora",
-        "pretrained_model_name_or_path": str(model),
-        "output_dir": str(workdir / "output"),
-        "data_backend_config": str(config_dir / "multidatabackend.json"),
-        "lora_rank": 16,
-        "learning_rate": "3e-3",
-        "train_batch_size": 2,
-        "max_train_steps": 200,
-        "lr_scheduler": "constant_with_warmup",
-        "lr_warmup_steps": 5,
-        "mixed_precision": "no",
-        "gradient_checkpointing": "false",
-        "seed": 42,
-        "tokenizer_max_length": 32,
-        "caption_dropout_probability": 0.1,
-        "checkpoint_step_interval": 50,
-        "checkpoints_total_limit": 2,
-        "validation_prompt": "a red circle on a blue background",
-        "validation_step_interval": 100,
-        "validation_resolution": "64x64",
-        "validation_num_inference_steps": 8,
-        "validation_guidance": 3.5,
-        "validation_seed": 0,
-    }
-    path = config_dir / "config.json"
-    path.write_text(json.dumps(config, indent=2))
-    return path
+    # The guidance embedding only ever sees flux_guidance_value (1.0) while the base trains.
+    family = {"model_family": "flux", "tokenizer_max_length": 32, "validation_guidance": 1.0}
+    demo_assets.build_demo_model(model, partial(build_tiny_flux, num_attention_heads=DEMO_HEADS), "flux", family)
+    return demo_assets.write_demo_run(workdir, model, family)

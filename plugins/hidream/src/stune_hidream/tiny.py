@@ -8,17 +8,24 @@ four tokenizers trained on the fly from a small caption corpus, saved by
 ``HiDreamImagePipeline.save_pretrained`` so training loads them through the same
 ``from_pretrained`` code as a real checkpoint. The Llama has 5 layers and the transformer reads
 layers 0, 2 and 4 (``llama_layers``), so "store only the layers the transformer reads" is visible.
+
+The demo (:func:`build_demo`) trains this pipeline's VAE and transformer on shapes first; what is
+the same for every family is in :mod:`stune.demo_assets`.
 """
 
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 #: Llama layers the tiny transformer reads, one per block (double blocks first), as the real
 #: model's ``llama_layers`` does with 48 entries over 32 layers.
 TINY_LLAMA_LAYERS = [0, 2, 4, 4]
+#: the demo transformer's heads (16 wide each): more than the tests' model, so that a short
+#: pre-training on shapes shows
+DEMO_HEADS = 4
 
 
 def _corpus() -> list[str]:
@@ -53,7 +60,7 @@ def _llama_tokenizer(corpus: list[str]) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, model_max_length=131072)
 
 
-def build_tiny_hidream(path: Path, seed: int = 0) -> Path:
+def build_tiny_hidream(path: Path, seed: int = 0, *, num_attention_heads: int = 2) -> Path:
     """Save a tiny HiDream-I1 pipeline (random weights) at ``path``; returns ``path``."""
     import torch
     from diffusers import AutoencoderKL, HiDreamImagePipeline, HiDreamImageTransformer2DModel, UniPCMultistepScheduler
@@ -146,7 +153,7 @@ def build_tiny_hidream(path: Path, seed: int = 0) -> Path:
         num_layers=2,
         num_single_layers=2,
         attention_head_dim=16,
-        num_attention_heads=2,
+        num_attention_heads=num_attention_heads,
         caption_channels=[hidden, hidden],  # [T5, Llama] widths
         text_emb_dim=16,  # CLIP-L + CLIP-G projections
         num_routed_experts=4,
@@ -177,63 +184,31 @@ def build_tiny_hidream(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def build_dataset(folder: Path, count: int = 8, size: tuple[int, int] = (64, 64), seed: int = 0) -> Path:
-    """Coloured squares and circles with a caption ``.txt`` beside each image."""
-    import random
+def build_dataset(folder: Path, count: int = 8, size: int = 64, seed: int = 0) -> Path:
+    """Coloured shapes with a caption ``.txt`` beside each image."""
+    from stune import demo_assets
 
-    from PIL import Image, ImageDraw
-
-    colours = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40)}
-    rng = random.Random(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        colour, background = rng.sample(sorted(colours), 2)
-        shape = ("circle", "square")[i % 2]
-        image = Image.new("RGB", size, colours[background])
-        w, h = size
-        box = (w * 0.25, h * 0.25, w * 0.75, h * 0.75)
-        draw = ImageDraw.Draw(image)
-        (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=colours[colour])
-        image.save(folder / f"shape_{i:03d}.png")
-        (folder / f"shape_{i:03d}.txt").write_text(f"a {colour} {shape} on a {background} background\n")
-    return folder
+    chosen = demo_assets.random_pictures(count, list(demo_assets.PALETTE), seed)
+    return demo_assets.write_pictures(folder, chosen, size=size, seed=seed)
 
 
 def build_demo(workdir: Path) -> Path:
-    """Tiny HiDream model + a coloured-shapes dataset + a LoKr config under ``workdir``."""
+    """The demo under ``workdir``: the tiny HiDream model with a trained VAE and a base transformer
+    pre-trained on shapes (built once, kept in ``workdir/model``), the concept pictures and a LoKr
+    config; returns the config's path."""
+    from stune import demo_assets
+
     model = workdir / "model"
-    if not (model / "model_index.json").is_file():
-        build_tiny_hidream(model)
-    data = workdir / "datasets" / "pictures"
-    if not data.is_dir():
-        build_dataset(data)
-    config_dir = workdir / "config"
-    config_dir.mkdir(parents=True, exist_ok=True)
-    (config_dir / "multidatabackend.json").write_text(
-        json.dumps(
-            [
-                {
-                    "id": "pictures",
-                    "type": "local",
-                    "instance_data_dir": str(data),
-                    "caption_strategy": "textfile",
-                    "resolution": 64,
-                    "resolution_type": "pixel_area",
-                    "minimum_image_size": 0,
-                    "cache_dir_vae": str(workdir / "cache" / "vae" / "pictures"),
-                },
-                {
-                    "id": "text-embeds",
-                    "type": "local",
-                    "dataset_type": "text_embeds",
-                    "default": True,
-                    "cache_dir": str(workdir / "cache" / "text"),
-                },
-            ],
-            indent=2,
-        )
-    )
-    (config_dir / "lycoris_config.json").write_text(
+    family = {
+        "model_family": "hidream",
+        "tokenizer_max_length": 32,
+        "validation_guidance": 3.0,
+        "hidream_use_load_balancing_loss": True,
+    }
+    demo_assets.build_demo_model(model, partial(build_tiny_hidream, num_attention_heads=DEMO_HEADS), "hidream", family)
+    lycoris = workdir / "config" / "lycoris_config.json"
+    lycoris.parent.mkdir(parents=True, exist_ok=True)
+    lycoris.write_text(
         json.dumps(
             {
                 "algo": "lokr",
@@ -248,28 +223,6 @@ def build_demo(workdir: Path) -> Path:
             indent=2,
         )
     )
-    config = {
-        "model_family": "hidream",
-        "model_type": "lora",
-        "lora_type": "lycoris",
-        "lycoris_config": str(config_dir / "lycoris_config.json"),
-        "pretrained_model_name_or_path": str(model),
-        "output_dir": str(workdir / "output"),
-        "data_backend_config": str(config_dir / "multidatabackend.json"),
-        "learning_rate": "1e-3",
-        "train_batch_size": 2,
-        "max_train_steps": 100,
-        "mixed_precision": "no",
-        "seed": 42,
-        "tokenizer_max_length": 32,
-        "checkpoint_step_interval": 50,
-        "validation_prompt": "a red circle on a blue background",
-        "validation_step_interval": 50,
-        "validation_resolution": "64x64",
-        "validation_num_inference_steps": 8,
-        "validation_guidance": 3.0,
-        "hidream_use_load_balancing_loss": True,
-    }
-    path = config_dir / "config.json"
-    path.write_text(json.dumps(config, indent=2))
-    return path
+    # LoKr's Kronecker factors move slower than a LoRA's matrices: it gets a larger learning rate.
+    lokr = {"lora_type": "lycoris", "lycoris_config": str(lycoris), "learning_rate": "1e-2"}
+    return demo_assets.write_demo_run(workdir, model, {**family, **lokr})

@@ -11,12 +11,14 @@ The widths differ on purpose so that the SD3 text layout is exercised: CLIP-L (1
 hidden states are concatenated to 40 features and zero-padded to the T5 width (48); the pooled
 embedding is 16 + 24 = 40 wide. Ten blocks leave room for the seed's skip-layer guidance layers
 ``[7, 8, 9]``.
+
+The demo (:func:`build_demo`) trains a shallower, wider pipeline's VAE and transformer on shapes first;
+what is the same for every family is in :mod:`stune.demo_assets`.
 """
 
 from __future__ import annotations
 
-import json
-import random
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,9 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle")
 CLIP_L_WIDTH, CLIP_G_WIDTH, T5_WIDTH = 16, 24, 48
 NUM_LAYERS = 10
+#: the demo transformer: fewer blocks, more heads (8 wide each) than the tests' model, so that a
+#: short pre-training on shapes shows
+DEMO_LAYERS, DEMO_HEADS = 4, 8
 
 
 def caption_corpus() -> list[str]:
@@ -58,7 +63,7 @@ def _clip(width: int, tokenizer: Any) -> Any:
     )
 
 
-def build_tiny_sd3(path: Path, seed: int = 0, *, num_layers: int = NUM_LAYERS) -> Path:
+def build_tiny_sd3(path: Path, seed: int = 0, *, num_layers: int = NUM_LAYERS, num_attention_heads: int = 2) -> Path:
     """Save a tiny SD3 pipeline (random weights) at ``path``; returns ``path``."""
     import torch
     from diffusers import (
@@ -116,9 +121,9 @@ def build_tiny_sd3(path: Path, seed: int = 0, *, num_layers: int = NUM_LAYERS) -
         in_channels=16,
         num_layers=num_layers,
         attention_head_dim=8,
-        num_attention_heads=2,
+        num_attention_heads=num_attention_heads,
         joint_attention_dim=T5_WIDTH,
-        caption_projection_dim=16,
+        caption_projection_dim=8 * num_attention_heads,  # the joint attention's width
         pooled_projection_dim=CLIP_L_WIDTH + CLIP_G_WIDTH,
         out_channels=16,
         pos_embed_max_size=96,
@@ -142,91 +147,23 @@ def build_tiny_sd3(path: Path, seed: int = 0, *, num_layers: int = NUM_LAYERS) -
     return path
 
 
-def draw_shape(colour: str, shape: str, background: str, size: int, rng: random.Random) -> Any:
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (size, size), COLOURS[background])
-    draw = ImageDraw.Draw(img)
-    r = size * rng.uniform(0.22, 0.32)
-    cx, cy = size / 2 + rng.uniform(-0.1, 0.1) * size, size / 2 + rng.uniform(-0.1, 0.1) * size
-    if shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLOURS[colour])
-    elif shape == "square":
-        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=COLOURS[colour])
-    else:
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[colour])
-    return img
-
-
 def build_dataset(folder: Path, count: int = 12, size: int = 96, seed: int = 0) -> Path:
     """Coloured shapes with a caption .txt beside each image."""
-    rng = random.Random(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        colour, background = rng.sample(list(COLOURS), 2)
-        shape = SHAPES[i % len(SHAPES)]
-        draw_shape(colour, shape, background, size, rng).save(folder / f"shape_{i:03d}.png")
-        (folder / f"shape_{i:03d}.txt").write_text(f"a {colour} {shape} on a {background} background\n")
-    return folder
+    from stune import demo_assets
+
+    chosen = demo_assets.random_pictures(count, list(demo_assets.PALETTE), seed)
+    return demo_assets.write_pictures(folder, chosen, size=size, seed=seed)
 
 
 def build_demo(workdir: Path) -> Path:
-    """Tiny SD3 model + dataset + SimpleTuner-style config under ``workdir``; returns the config path."""
+    """The demo under ``workdir``: the tiny SD3 model with a trained VAE and a base transformer
+    pre-trained on shapes (built once, kept in ``workdir/model``), the concept pictures and the
+    LoRA config; returns the config's path."""
+    from stune import demo_assets
+
     model = workdir / "model"
-    if not (model / "model_index.json").is_file():
-        build_tiny_sd3(model)
-    data = workdir / "datasets" / "shapes"
-    if not data.is_dir():
-        build_dataset(data)
-    config_dir = workdir / "config"
-    config_dir.mkdir(parents=True, exist_ok=True)
-    datasets = [
-        {
-            "id": "shapes",
-            "type": "local",
-            "instance_data_dir": str(data),
-            "caption_strategy": "textfile",
-            "resolution": 64,
-            "resolution_type": "pixel_area",
-            "cache_dir_vae": str(workdir / "cache" / "vae" / "shapes"),
-            "repeats": 0,
-        },
-        {
-            "id": "text-embeds",
-            "type": "local",
-            "dataset_type": "text_embeds",
-            "default": True,
-            "cache_dir": str(workdir / "cache" / "text"),
-        },
-    ]
-    (config_dir / "multidatabackend.json").write_text(json.dumps(datasets, indent=2))
-    config = {
-        "model_family": "sd3",
-        "model_type": "lora",
-        "pretrained_model_name_or_path": str(model),
-        "output_dir": str(workdir / "output"),
-        "data_backend_config": str(config_dir / "multidatabackend.json"),
-        "lora_rank": 16,
-        "learning_rate": "3e-3",
-        "train_batch_size": 2,
-        "max_train_steps": 200,
-        "lr_scheduler": "constant_with_warmup",
-        "lr_warmup_steps": 5,
-        "mixed_precision": "no",
-        "gradient_checkpointing": "false",
-        "seed": 42,
-        "tokenizer_max_length": 77,
-        "caption_dropout_probability": 0.1,
-        "checkpoint_step_interval": 50,
-        "checkpoints_total_limit": 2,
-        "validation_prompt": "a red circle on a blue background",
-        "validation_step_interval": 100,
-        "validation_resolution": "64x64",
-        "validation_num_inference_steps": 8,
-        "validation_guidance": 3.0,
-        "validation_guidance_skip_layers": [7, 8, 9],
-        "validation_seed": 0,
-    }
-    path = config_dir / "config.json"
-    path.write_text(json.dumps(config, indent=2))
-    return path
+    # Guidance 3 washes a briefly trained model out to its background colour.
+    family = {"model_family": "sd3", "tokenizer_max_length": 32, "validation_guidance": 1.5}
+    build = partial(build_tiny_sd3, num_layers=DEMO_LAYERS, num_attention_heads=DEMO_HEADS)
+    demo_assets.build_demo_model(model, build, "sd3", family)
+    return demo_assets.write_demo_run(workdir, model, family)
