@@ -34,7 +34,7 @@ $(INSTALLED): $(PY) core/pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS)) 
 # Browser tests (report.html, the web interface) drive Debian's chromium through selenium; where
 # apt is not available they are skipped with that reason.
 $(TEST_TOOLS): $(INSTALLED)
-	$(PIP) install -q "pytest>=8" "ruff>=0.6" "mypy>=1.11" "selenium>=4.20"
+	$(PIP) install -q "pytest>=8" "ruff>=0.6" "mypy>=1.11" "selenium>=4.20" "hypothesis>=6.100"
 	@if ! command -v chromedriver >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 \
 			|| echo "could not install chromium: the browser tests will be skipped"; \

@@ -33,7 +33,7 @@ from stune.train import train
 
 SIZES = {
     # name: transformer shape overrides of stune_flux.tiny.build_tiny_flux
-    "micro (the demo's, dim 32)": {},
+    "micro (the tests' tiny model, dim 32)": {},
     "tiny (dim 256, 2+4 blocks)": {
         "attention_head_dim": 64,
         "num_attention_heads": 4,

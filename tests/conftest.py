@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 TOY_PATH = Path(__file__).resolve().parent / "toy_family.py"
+
+# The fuzz tests (test_hostile_*.py) try the same bounded set of cases on every run and machine:
+# derandomized (a failure found once is found again), no example database written, no deadline (a
+# loaded machine is slower, not wrong). STUNE_FUZZ_EXAMPLES raises the bound for a long local hunt.
+settings.register_profile(
+    "stune-fuzz",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    max_examples=int(os.environ.get("STUNE_FUZZ_EXAMPLES", "200")),
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
 
 
 def load_toy() -> ModuleType:

@@ -43,9 +43,13 @@ def encode_text(family: ModelFamily, components: Components, prompts: list[str])
 
 
 @hookimpl(trylast=True)
-def compute_loss(prediction: Prediction, inputs: StepInputs) -> torch.Tensor:
+def compute_loss(prediction: Prediction, inputs: StepInputs, config: CoreOptions) -> torch.Tensor:
+    from stune.flow import elementwise_loss
+
     # fp32 for the reduction: bf16 squared errors lose the small differences late in training.
-    loss = (prediction.velocity.float() - inputs.target.float()).square()
+    loss = elementwise_loss(
+        prediction.velocity, inputs.target, inputs.sigmas, config.loss_type, config.huber_c, config.huber_schedule
+    )
     if inputs.loss_weight is not None:
         loss = loss * inputs.loss_weight
     return loss.mean()

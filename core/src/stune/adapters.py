@@ -20,7 +20,6 @@ import torch
 
 from stune.errors import ConfigError
 from stune.family import match_modules
-from stune.jsonfile import read_json
 
 if TYPE_CHECKING:
     from stune.config import CoreOptions
@@ -28,6 +27,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("stune.adapters")
 LORA_FILE = "pytorch_lora_weights.safetensors"
+#: the safetensors metadata entry diffusers keeps the LoraConfig in
+LORA_METADATA_KEY = "lora_adapter_metadata"
 LYCORIS_CONFIG_FILE = "lycoris_config.json"
 FULL_FOLDER = "transformer"
 
@@ -132,18 +133,34 @@ class PeftLora(Adapter):
             from stune.speed import fused_metadata, split_fused_lora
 
             state_dict, metadata = split_fused_lora(state_dict), fused_metadata(metadata)
+        # Dropout is for training only: diffusers builds the loaded LoRA layers in training mode, so a
+        # recorded lora_dropout would drop activations at inference unless the user calls .eval().
+        metadata = {**metadata, "lora_dropout": 0.0}
+        if self.config.lora_format == "comfyui":
+            return [save_comfyui_lora(output_dir / LORA_FILE, state_dict, metadata, self.family)]
+        # ComfyUI and other non-diffusers loaders ignore an alpha kept in the metadata: with the scale
+        # folded into lora_B (alpha recorded = rank) every loader applies the trained strength.
+        state_dict, metadata = fold_alpha(state_dict, metadata)
         return [self.family.save_lora(output_dir, state_dict, metadata)]
 
     def load(self, folder: Path) -> None:
         from peft import set_peft_model_state_dict
 
         path = folder / LORA_FILE if folder.is_dir() else folder
-        state_dict = self.family.load_lora(path)
+        if is_comfyui_lora(path):
+            state_dict, file_alpha = read_comfyui_lora(path, self.transformer, self.family)
+        else:
+            state_dict, file_alpha = self.family.load_lora(path), _file_lora_alpha(path)
+        if file_alpha is not None and file_alpha != self.config.effective_lora_alpha:
+            # The file's scale (alpha / rank) moves into lora_B for this run's alpha: the same model.
+            ratio = file_alpha / self.config.effective_lora_alpha
+            state_dict = {k: (v.double() * ratio).to(v.dtype) if ".lora_B." in k else v for k, v in state_dict.items()}
         if self.config.fuse_qkv_projections:
             from stune.speed import merge_fused_lora
 
             state_dict = merge_fused_lora(state_dict)
-        result = set_peft_model_state_dict(self.transformer, state_dict)
+        with tensors_fit(path, "adapter", "the LoRA options it was trained with (lora_rank, lora_target)"):
+            result = set_peft_model_state_dict(self.transformer, state_dict)
         unexpected = getattr(result, "unexpected_keys", None) or []
         missing = [k for k in (getattr(result, "missing_keys", None) or []) if "lora_" in k]
         if unexpected or missing:
@@ -152,6 +169,113 @@ class PeftLora(Adapter):
                 f"The adapter {path} does not fit this LoRA ({len(unexpected)} unexpected and {len(missing)} "
                 f"missing keys, e.g. {key}); use the same LoRA options it was trained with, or start fresh."
             )
+
+    def resume_state(self) -> dict[str, torch.Tensor]:
+        # The exported lora_B holds the alpha/rank scale folded in (rounded unless it is a power of
+        # two): checkpoints keep the trained lora_B as it is, so a resumed run continues exactly.
+        if self.config.lora_format == "comfyui" or self.config.effective_lora_alpha == self.config.lora_rank:
+            return {}
+        return {
+            name: p.detach().cpu().contiguous() for name, p in self.transformer.named_parameters() if ".lora_B." in name
+        }
+
+    def load_resume_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, param in self.transformer.named_parameters():
+                if name in state:
+                    param.copy_(state[name])
+
+
+def fold_alpha(state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The LoRA with its scale (lora_alpha / r) multiplied into lora_B and lora_alpha = r: the same
+    model for diffusers (which reads the alpha from the metadata) and for loaders that ignore it."""
+    rank, alpha = metadata.get("r"), metadata.get("lora_alpha")
+    if not rank or not alpha or alpha == rank or metadata.get("use_rslora"):
+        return state_dict, metadata
+    scale = float(alpha) / float(rank)
+    folded = {k: (v.double() * scale).to(v.dtype) if ".lora_B." in k else v for k, v in state_dict.items()}
+    return folded, {**metadata, "lora_alpha": rank}
+
+
+def _file_lora_alpha(path: Path) -> float | None:
+    """``lora_alpha`` in a diffusers LoRA file's metadata (None when it has none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        text = (handle.metadata() or {}).get(LORA_METADATA_KEY)
+    if not text:
+        return None
+    values = json.loads(text)
+    alpha = values.get("transformer.lora_alpha", values.get("lora_alpha"))
+    return float(alpha) if alpha is not None else None
+
+
+def is_comfyui_lora(path: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return any(k.endswith(".lora_down.weight") for k in handle.keys())  # noqa: SIM118 (not iterable)
+
+
+def save_comfyui_lora(
+    path: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any], family: ModelFamily
+) -> Path:
+    """The LoRA in the kohya layout ComfyUI reads: ``<key>.lora_down.weight`` (lora_A),
+    ``<key>.lora_up.weight`` (lora_B) and the scalar ``<key>.alpha`` per module, ``<key>`` being
+    :meth:`ModelFamily.comfyui_lora_key` of the module. ComfyUI scales each module by alpha / rank."""
+    from safetensors.torch import save_file
+
+    alpha = float(metadata["lora_alpha"])
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        module, sep, part = name.partition(".lora_")
+        if not sep or part not in ("A.weight", "B.weight"):
+            raise ConfigError(
+                f"lora_format comfyui cannot store `{name}` (only lora_A / lora_B weights: no DoRA, no LoRA bias); "
+                "use lora_format diffusers."
+            )
+        key = family.comfyui_lora_key(module)
+        out[f"{key}.lora_{'down' if part == 'A.weight' else 'up'}.weight"] = tensor.contiguous()
+        out[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The PEFT config stays in the metadata, where diffusers' loader reads the alpha of this layout.
+    save_file(
+        out,
+        str(path),
+        metadata={"format": "pt", LORA_METADATA_KEY: json.dumps({f"transformer.{k}": v for k, v in metadata.items()})},
+    )
+    return path
+
+
+def read_comfyui_lora(
+    path: Path, transformer: torch.nn.Module, family: ModelFamily
+) -> tuple[dict[str, torch.Tensor], float | None]:
+    """A ComfyUI-layout file back as a PEFT state dict of ``transformer`` and its alpha."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path))
+    modules = {family.comfyui_lora_key(name): name for name, _ in transformer.named_modules() if name}
+    # With fuse_qkv_projections the file names the unfused layers (to_q, …) this transformer lacks.
+    prefix = family.comfyui_lora_key("")
+    for key in weights:
+        stem = key.rpartition(".lora_")[0] or key.removesuffix(".alpha")
+        if stem not in modules and prefix and stem.startswith(prefix):
+            modules[stem] = stem[len(prefix) :]
+    state_dict: dict[str, torch.Tensor] = {}
+    alphas = set()
+    for key, tensor in weights.items():
+        stem, _, part = key.rpartition(".lora_")
+        if part in ("down.weight", "up.weight") and stem in modules:
+            state_dict[f"{modules[stem]}.lora_{'A' if part == 'down.weight' else 'B'}.weight"] = tensor
+        elif key.endswith(".alpha") and key[: -len(".alpha")] in modules:
+            alphas.add(float(tensor.item()))
+        else:
+            raise ConfigError(f"The ComfyUI LoRA {path} has the key `{key}`, which fits no module of this transformer.")
+    if len(alphas) > 1:
+        raise ConfigError(
+            f"The ComfyUI LoRA {path} has different alphas per module ({sorted(alphas)}); stune uses one."
+        )
+    return state_dict, (alphas.pop() if alphas else None)
 
 
 # -- LyCORIS --------------------------------------------------------------------------------------------
@@ -166,10 +290,10 @@ class Lycoris(Adapter):
         super().__init__(transformer, family, config)
         from lycoris import LycorisNetwork, create_lycoris
 
+        from stune.checks import lycoris_settings
+
         path = Path(config.lycoris_config)
-        settings = read_json(path, "LyCORIS config (lycoris_config)")
-        if not isinstance(settings, dict) or "algo" not in settings:
-            raise ConfigError(f"The LyCORIS config {path} must be a JSON object with at least an `algo`.")
+        settings = lycoris_settings(config.lycoris_config)  # an unknown algo is a sentence, not lycoris's KeyError
         self.settings = settings
         kwargs = dict(settings)
         multiplier = float(kwargs.pop("multiplier", 1.0))
@@ -227,7 +351,8 @@ class Lycoris(Adapter):
 
         path = folder / LORA_FILE if folder.is_dir() else folder
         weights = load_file(str(path))
-        missing, unexpected = self.network.load_state_dict(weights, strict=False)
+        with tensors_fit(path, "LyCORIS weights", "the lycoris_config they were trained with"):
+            missing, unexpected = self.network.load_state_dict(weights, strict=False)
         if unexpected or missing:
             key = (unexpected or missing)[0]
             raise ConfigError(
@@ -245,6 +370,23 @@ class Lycoris(Adapter):
             for name, param in self.network.named_parameters():
                 if name in state:
                     param.copy_(state[name])
+
+
+@contextlib.contextmanager
+def tensors_fit(path: Path, what: str, fix: str) -> Iterator[None]:
+    """torch's "size mismatch" (a file trained with another rank, LyCORIS factor or model) as one
+    sentence naming the file, the first tensor that differs and the options to use."""
+    try:
+        yield
+    except RuntimeError as exc:
+        text = str(exc)
+        if "size mismatch" not in text:
+            raise
+        first = next(line.strip() for line in text.splitlines() if "size mismatch" in line)
+        raise ConfigError(
+            f"The {what} {path} holds tensors of other shapes than this run builds ({first[:240]}); resume with "
+            f"{fix}, or start fresh."
+        ) from None
 
 
 def _lycoris_defaults(network_class: Any) -> dict[str, Any]:
@@ -384,7 +526,8 @@ class FullFinetune(Adapter):
         state: dict[str, torch.Tensor] = {}
         for name in files or ["diffusion_pytorch_model.safetensors"]:
             state.update(load_state_dict(str(path / name)))
-        missing, unexpected = self.transformer.load_state_dict(state, strict=False)
+        with tensors_fit(path, "transformer", "the same model"):
+            missing, unexpected = self.transformer.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ConfigError(
                 f"The transformer in {path} does not fit this model ({len(missing)} missing, "

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from stune.errors import ConfigError
 from stune.publish import check_publish
@@ -35,6 +35,8 @@ def check_run(config: CoreOptions, family: ModelFamily, features: list[TrainingF
     from stune.optim import check_optimizer
 
     family.check_config()
+    _check_folders(config)
+    _check_seeds(config)
     check_optimizer(config)
     _check_lora_init(config)
     check_trackers(config)
@@ -84,6 +86,132 @@ def check_datasets(config: CoreOptions, family: ModelFamily, report: Report) -> 
                 f"Validation prompt `{missing[0]}` has no input image to edit; set validation_input to an image, "
                 'give the prompt library entry an "image", or add an eval dataset with reference images.'
             )
+
+
+def _check_folders(config: CoreOptions) -> None:
+    """The folders a run writes into are folders (``output_dir`` may not be an existing file), and
+    the names it turns into file names are plain names."""
+    from pathlib import Path
+
+    from stune.names import FOLDER_OPTIONS, check_folder, check_name
+
+    for option in FOLDER_OPTIONS:
+        value = getattr(config, option, None)
+        if value:
+            check_folder(Path(value), option)
+    if config.tracker_run_name:
+        check_name(config.tracker_run_name, "Option `tracker_run_name`")
+    check_name(config.tracker_project_name, "Option `tracker_project_name`")
+
+
+def _check_seeds(config: CoreOptions) -> None:
+    for option in ("seed", "validation_seed"):
+        value = getattr(config, option, None)
+        if value is not None and not 0 <= value < 2**32:  # numpy's generator takes no other seeds
+            raise ConfigError(f"Option `{option}` = {value} is out of range; use a number from 0 to {2**32 - 1}.")
+
+
+#: the LyCORIS settings that are numbers (``create_lycoris`` converts them with int()/float())
+_LYCORIS_NUMBERS = {
+    "multiplier": float,
+    "linear_dim": int,
+    "linear_alpha": float,
+    "conv_dim": int,
+    "conv_alpha": float,
+    "dropout": float,
+    "rank_dropout": float,
+    "module_dropout": float,
+    "factor": int,
+    "block_size": int,
+    "constraint": float,
+}
+_LYCORIS_PRESET_LISTS = ("target_module", "target_name", "exclude_name")
+_LYCORIS_PRESET_MAPS = ("module_algo_map", "name_algo_map")
+#: the keys of ``apply_preset`` (lycoris's preset class attributes; stune.adapters applies them)
+_LYCORIS_PRESET_KEYS = {*_LYCORIS_PRESET_LISTS, *_LYCORIS_PRESET_MAPS, "enable_conv", "use_fnmatch", "lora_prefix"}
+
+
+def lycoris_settings(path_text: str) -> dict[str, Any]:
+    """The LyCORIS config file (``lycoris_config``), checked so that the network builds: its
+    ``algo`` (and every ``algo`` in its preset maps) is one lycoris has, its numbers are numbers,
+    its preset has the shapes lycoris reads. Each mistake is one sentence naming the file."""
+    from pathlib import Path
+
+    from lycoris.wrapper import network_module_dict
+
+    from stune.jsonfile import read_json
+
+    path = Path(path_text)
+    where = f"The LyCORIS config {path} (lycoris_config)"
+    settings = read_json(path, "LyCORIS config (lycoris_config)")
+    if not isinstance(settings, dict) or "algo" not in settings:
+        raise ConfigError(f"{where} must be a JSON object with at least an `algo`.")
+    algos = ", ".join(sorted(network_module_dict))
+
+    def check_algo(value: Any, key: str) -> None:
+        if not isinstance(value, str) or value.lower() not in network_module_dict:
+            raise ConfigError(
+                f"{where} has {key} = {str(value)[:60]!r}, which LyCORIS does not have; use one of {algos}."
+            )
+
+    def check_numbers(values: dict[str, Any], prefix: str) -> None:
+        for key, kind in _LYCORIS_NUMBERS.items():
+            value = values.get(key)
+            if value is None:
+                continue
+            whole = kind is not int or not (isinstance(value, float) and not value.is_integer())
+            try:
+                number = kind(value)  # what lycoris does: int("4.5") fails there too
+                if isinstance(value, bool) or not whole or number != number or abs(number) == float("inf"):
+                    raise ValueError
+            except (TypeError, ValueError, OverflowError):
+                kind_name = "a whole number" if kind is int else "a number"
+                raise ConfigError(
+                    f"{where} has `{prefix}{key}` = {str(value)[:60]!r}; it must be {kind_name}."
+                ) from None
+            if key in ("linear_dim", "conv_dim", "block_size") and number < 1:
+                raise ConfigError(f"{where} has `{prefix}{key}` = {value!r}; it must be 1 or more.")
+
+    check_algo(settings["algo"], "`algo`")
+    check_numbers(settings, "")
+    preset = settings.get("apply_preset")
+    if preset is not None:
+        if not isinstance(preset, dict):
+            raise ConfigError(f"{where} has an `apply_preset` that is not a JSON object.")
+        unknown = sorted(set(preset) - _LYCORIS_PRESET_KEYS)
+        if unknown:
+            raise ConfigError(f"{where} has an unknown `apply_preset` key `{unknown[0][:60]}`.")
+        for key in _LYCORIS_PRESET_LISTS:
+            if key in preset and not (isinstance(preset[key], list) and all(isinstance(v, str) for v in preset[key])):
+                raise ConfigError(f"{where} has `apply_preset.{key}` that is not a list of names.")
+        for key in _LYCORIS_PRESET_MAPS:
+            if key not in preset:
+                continue
+            if not isinstance(preset[key], dict) or not all(isinstance(v, dict) for v in preset[key].values()):
+                raise ConfigError(f"{where} has `apply_preset.{key}` that is not an object of name: {{settings}}.")
+            for name, module in preset[key].items():
+                if "algo" in module:
+                    check_algo(module["algo"], f"`apply_preset.{key}.{name[:60]}.algo`")
+                check_numbers(module, f"apply_preset.{key}.{name[:60]}.")
+    named = settings.get("preset")
+    if named is not None:
+        from lycoris.config import PRESET
+
+        if not isinstance(named, str) or (named not in PRESET and not _is_file(named)):
+            raise ConfigError(
+                f"{where} has `preset` = {str(named)[:60]!r}, neither a LyCORIS preset ({', '.join(PRESET)}) "
+                "nor a preset file."
+            )
+    return settings
+
+
+def _is_file(text: str) -> bool:
+    from pathlib import Path
+
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # a NUL byte, a name longer than the file system takes
+        return False
 
 
 def _check_memory(config: CoreOptions) -> None:

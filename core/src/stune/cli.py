@@ -11,10 +11,14 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from stune.errors import UserError
+
+if TYPE_CHECKING:
+    from stune.data.report import Report
+    from stune.session import Session
 
 USAGE = """\
 st-train [--plugin NAME ...] [--config PATH] [--key=value ...]
@@ -31,11 +35,12 @@ commands:
   configure  answer a few questions; write config/config.json and config/multidatabackend.json
   demo       train a LoRA on a tiny generated model and dataset, on the CPU, in a few minutes
   report     rebuild OUTPUT_DIR/report.html (loss curves, validation images) from what is on disk
+  convert    write config/config.json from SimpleTuner's deprecated config/config.env
 
 Run `st-train COMMAND --help` for a command's arguments.
 """
 
-BUILTIN_COMMANDS = ("train", "plugins", "options", "check", "configure", "demo", "report")
+BUILTIN_COMMANDS = ("train", "plugins", "options", "check", "configure", "demo", "report", "convert")
 
 
 def _plugin_argument(parser: argparse.ArgumentParser) -> None:
@@ -71,8 +76,8 @@ def cmd_train(argv: Sequence[str]) -> int:
     from stune.config import parse_overrides
     from stune.session import prepare
 
+    _setup_logging()  # before the config is read: it says what stune does with SimpleTuner-only keys
     session = prepare(args.plugin, args.config, parse_overrides(list(rest)))
-    _setup_logging()
     from stune.launch import relaunch, wants_relaunch
 
     if wants_relaunch(session.config):  # num_processes > 1: the same command under accelerate launch
@@ -107,11 +112,21 @@ def cmd_options(argv: Sequence[str]) -> int:
     _plugin_argument(parser)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--markdown", action="store_true", help="a Markdown table per plugin (docs/options.md)")
+    parser.add_argument(
+        "--simpletuner",
+        action="store_true",
+        help="what stune does with each SimpleTuner option (docs/simpletuner-compat.md)",
+    )
     args = parser.parse_args(argv)
     from stune.config import CoreOptions
     from stune.plugins import PluginHost
 
     host = PluginHost.build(args.plugin)
+    if args.simpletuner:
+        from stune.simpletuner import compat_markdown
+
+        print(compat_markdown(host), end="")
+        return 0
     groups: list[tuple[str, Any]] = [("core", CoreOptions), *host.option_models]
     rows = []
     for owner, model in groups:
@@ -169,18 +184,52 @@ def cmd_check(argv: Sequence[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print the dataset report as JSON")
     parser.add_argument("--quick", action="store_true", help="read image headers only (skip full decoding)")
     args, rest = parser.parse_known_args(argv)
-    from stune.checks import check_datasets
+    _setup_logging()
     from stune.config import parse_overrides
-    from stune.data.report import scan_all, verify_decoding
     from stune.session import prepare
 
     session = prepare(args.plugin, args.config, parse_overrides(list(rest)))
+    check_session(
+        session,
+        quick=args.quick,
+        show=lambda report: print(json.dumps(report.as_dict(), indent=2) if args.json else report.as_text()),
+    )
+    return 0
+
+
+def check_session(session: Session, quick: bool = False, show: Callable[[Report], None] | None = None) -> Report:
+    """What `st-train check` does after the configuration is read: scan (and decode) every dataset,
+    ``show`` the report, then stop with the first reason it cannot be trained on (the fuzz tests
+    call this in one process)."""
+    from stune.checks import check_datasets
+    from stune.data.report import scan_all, verify_decoding
+
     report = scan_all(session.config, session.family)
-    if not args.quick:
+    if not quick:
         verify_decoding(report)  # truncated files only show when decoded
-    print(json.dumps(report.as_dict(), indent=2) if args.json else report.as_text())
+    if show is not None:
+        show(report)
     report.check_trainable()
     check_datasets(session.config, session.family, report)
+    return report
+
+
+def cmd_convert(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="st-train convert",
+        description="Write the config.json equivalent to a SimpleTuner config.env (read, never executed).",
+    )
+    parser.add_argument("--config", metavar="PATH", default="config/config.env", help="default: config/config.env")
+    parser.add_argument("--output", metavar="PATH", default="config/config.json", help="default: config/config.json")
+    _plugin_argument(parser)
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    from stune.configenv import convert
+    from stune.plugins import PluginHost
+
+    written = convert(Path(args.config), Path(args.output), PluginHost.build(args.plugin).config_model())
+    print(f"wrote {written}; check it with `st-train check --config {written}`")
     return 0
 
 
@@ -244,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "configure": cmd_configure,
         "demo": cmd_demo,
         "report": cmd_report,
+        "convert": cmd_convert,
     }
     try:
         if command in handlers:

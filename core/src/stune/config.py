@@ -115,7 +115,8 @@ def _same_field(a: Any, b: Any) -> bool:
 
 
 def find_config_file(path: str | Path | None) -> Path | None:
-    """The config file to read: ``path`` if given, else config/config.json or config/config.toml."""
+    """The config file to read: ``path`` if given, else config/config.json, config/config.toml or (SimpleTuner's
+    deprecated format) config/config.env."""
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -124,15 +125,22 @@ def find_config_file(path: str | Path | None) -> Path | None:
     for candidate in DEFAULT_CONFIG_PATHS:
         if candidate.is_file():
             return candidate
-    return None
+    from stune.configenv import CONFIG_ENV
+
+    return CONFIG_ENV if CONFIG_ENV.is_file() else None  # SimpleTuner's deprecated shell-style config
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
+    if path.suffix == ".env":
+        from stune.configenv import notice, read_config_env
+
+        notice(path)
+        return read_config_env(path)
     if path.suffix == ".toml":
         try:
             data: Any = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"The config file {path} is not valid TOML: {exc}.") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"The config file {path} is not valid TOML (UTF-8): {exc}.") from None
     else:
         data = read_json(path, "config file")
     if not isinstance(data, dict):
@@ -174,8 +182,14 @@ def _one_sentence(error: ValidationError) -> str:
     if not loc:
         return msg + "."
     value = first.get("input")
-    shown = f" = {value!r}" if not isinstance(value, dict) else ""
+    shown = f" = {_shown(value)}" if not isinstance(value, dict) else ""
     return f"Option `{loc}`{shown} is invalid: {msg[0].lower() + msg[1:]}."
+
+
+def _shown(value: Any) -> str:
+    """A value as the error sentence quotes it: a megabyte string stays a sentence."""
+    text = repr(value)
+    return text if len(text) <= 100 else f"{text[:80]}… ({len(text)} characters)"
 
 
 def validate_config(raw: dict[str, Any], model: type[CoreOptions], host: PluginHost | None = None) -> CoreOptions:
@@ -185,6 +199,9 @@ def validate_config(raw: dict[str, Any], model: type[CoreOptions], host: PluginH
     for key in list(raw):
         if key not in known and key in neutral and str(raw[key]).lower() == str(neutral[key]).lower():
             del raw[key]  # e.g. base_model_precision=no_change asks nothing of the missing quant plugin
+    from stune.simpletuner import translate_options
+
+    translate_options(raw, known)  # SimpleTuner options stune has under another form, or refuses by name
     for key in raw:
         if key in known:
             continue
@@ -203,6 +220,10 @@ def validate_config(raw: dict[str, Any], model: type[CoreOptions], host: PluginH
         close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
         hint = f"did you mean `{close[0]}`?" if close else "run `st-train options` to list the valid keys."
         raise ConfigError(f"Unknown option `{key}`; {hint}")
+    from stune.names import check_option_strings
+
+    # NUL bytes, lone surrogates, path parts longer than a file name: before a validator opens the file
+    check_option_strings({known[key]: value for key, value in raw.items()})
     try:
         return model.model_validate(raw)
     except ValidationError as exc:

@@ -14,18 +14,28 @@ import torch
 
 
 class EMA:
-    def __init__(self, params: list[torch.nn.Parameter], decay: float, interval: int, device: torch.device) -> None:
+    def __init__(
+        self, params: list[torch.nn.Parameter], decay: float, interval: int, device: torch.device, warmup: int = 0
+    ) -> None:
         self.params = params
         self.decay = decay
         self.interval = interval
+        self.warmup = warmup
         self.shadow = [p.detach().to(device=device, dtype=torch.float32, copy=True) for p in params]
+
+    def decay_at(self, step: int) -> float:
+        """The decay used after optimizer step ``step``: ramped linearly from 0 over ``warmup`` steps
+        (ema_warmup_steps), so early updates follow the weights instead of the starting point."""
+        if self.warmup and step < self.warmup:
+            return self.decay * step / self.warmup
+        return self.decay
 
     @torch.no_grad()
     def update(self, step: int) -> None:
         """Called after optimizer step ``step`` (1-based)."""
         if step % self.interval:
             return
-        weight = 1.0 - self.decay
+        weight = 1.0 - self.decay_at(step)
         for shadow, param in zip(self.shadow, self.params, strict=True):
             shadow.lerp_(param.detach().to(shadow.device, torch.float32, non_blocking=True), weight)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -49,13 +49,17 @@ class EvalResult:
     loss: float
     #: mean loss at the k-th σ of the schedule (k = 0 is the noisiest)
     per_sigma: list[float]
+    #: eval dataset id → its own mean loss (empty with eval_dataset_pooling)
+    per_dataset: dict[str, float] = field(default_factory=dict)
 
     def record(self) -> dict[str, Any]:
-        """A metrics.jsonl line: ``eval_loss`` and ``eval_loss/sigma_<k>``."""
+        """A metrics.jsonl line: ``eval_loss``, ``eval_loss/sigma_<k>`` and, without
+        eval_dataset_pooling, ``eval_loss/<dataset id>``."""
         return {
             "step": self.step,
             "eval_loss": self.loss,
             **{f"eval_loss/sigma_{k:02d}": value for k, value in enumerate(self.per_sigma)},
+            **{f"eval_loss/{name}": value for name, value in self.per_dataset.items()},
         }
 
 
@@ -140,14 +144,18 @@ class Evaluator:
         transformer = predictor.unwrapped
         was_training = transformer.training
         transformer.eval()
+        datasets: dict[str, list[float]] = {}
         try:
             with preserved_rng(self.flow.device):
                 for sample in self.samples:
-                    totals += self._sample_losses(predictor, sample, generator, device_generator)
+                    losses = self._sample_losses(predictor, sample, generator, device_generator)
+                    totals += losses
+                    datasets.setdefault(sample.dataset_id, []).append(float(losses.mean()))
         finally:
             transformer.train(was_training)
         per_sigma = (totals / len(self.samples)).tolist()
-        return EvalResult(step=step, loss=sum(per_sigma) / count, per_sigma=per_sigma)
+        per_dataset = {} if self.config.eval_dataset_pooling else {k: sum(v) / len(v) for k, v in datasets.items()}
+        return EvalResult(step=step, loss=sum(per_sigma) / count, per_sigma=per_sigma, per_dataset=per_dataset)
 
     def _sample_losses(
         self, predictor: Predictor, sample: Sample, generator: torch.Generator, device_generator: torch.Generator
@@ -184,9 +192,9 @@ def make_evaluator(
     if config.eval_loss_disable:
         return None
     if not samples:
-        if config.eval_steps_interval:
+        if config.eval_steps_interval or config.eval_epoch_interval:
             log.warning(
-                "eval_steps_interval is set but no dataset has dataset_type eval: no eval loss is computed; "
+                "an eval interval is set but no dataset has dataset_type eval: no eval loss is computed; "
                 "add an eval dataset to the dataset list"
             )
         return None

@@ -323,6 +323,14 @@ class ModelFamily(Generic[OptionsT]):
         """Read back what :meth:`save_lora` wrote, as a PEFT state dict of the transformer."""
         raise NotImplementedError
 
+    def comfyui_lora_key(self, module: str) -> str:
+        """The key of a transformer module in a ``lora_format: comfyui`` file (followed by
+        ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``). Default: ``transformer.<module>``,
+        the diffusers module name ComfyUI's ``model_lora_keys_unet`` maps for FLUX and SD3 (through
+        ``flux_to_diffusers`` / ``mmdit_to_diffusers``) and for HiDream (whose names equal diffusers').
+        A family whose ComfyUI loader reads other names overrides it."""
+        return f"transformer.{module}"
+
     def render_validation(
         self, components: Components, transformer: torch.nn.Module, requests: list[ValidationRequest]
     ) -> list[Image.Image]:

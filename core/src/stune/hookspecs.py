@@ -204,8 +204,9 @@ def compute_loss(
     """Compute the scalar diffusion loss of one micro-batch.
 
     Fires once per training micro-step, after the forward pass. *firstresult*: the default is
-    the mean squared error between ``prediction.velocity`` and ``inputs.target``, weighted per
-    element by ``inputs.loss_weight`` when present. Use a wrapper (``@hookimpl(wrapper=True)``)
+    the mean of ``loss_type``'s error (squared by default; huber/smooth_l1 with ``huber_c`` over σ)
+    between ``prediction.velocity`` and ``inputs.target``, weighted per element by
+    ``inputs.loss_weight`` when present. Use a wrapper (``@hookimpl(wrapper=True)``)
     to modify what the others compute. The prediction's auxiliary losses are added by the core
     after this hook, with their weights.
 

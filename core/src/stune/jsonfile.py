@@ -45,9 +45,15 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise ConfigError(f"The {what} {path} does not exist; create it or fix the path.") from None
     except OSError as exc:
         raise ConfigError(f"The {what} {path} cannot be read ({exc.strerror}).") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"The {what} {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8.") from None
+    except ValueError:  # a NUL byte in the path
+        raise ConfigError(f"The {what} path {str(path)[:80]!r} contains a NUL character; fix the path.") from None
     try:
         return json.loads(_strip_trailing_commas(text))
     except json.JSONDecodeError as exc:
         raise ConfigError(
             f"The {what} {path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}."
         ) from None
+    except RecursionError:
+        raise ConfigError(f"The {what} {path} nests lists or objects too deeply to be read; flatten it.") from None

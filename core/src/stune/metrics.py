@@ -27,3 +27,9 @@ class MetricsLog:
 
     def close(self) -> None:
         self._handle.close()
+
+
+def append_record(output_dir: Path, record: dict[str, Any]) -> None:
+    """One more line for ``metrics.jsonl`` from outside the training loop (validation's CLIP scores)."""
+    with (output_dir / "metrics.jsonl").open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")

@@ -139,12 +139,22 @@ def _check_overrides(cls: Any, overrides: dict[str, Any], name: str) -> None:
             )
 
 
-def optimizer_settings(config: CoreOptions, accepted: set[str] | None = None) -> dict[str, Any]:
+def scaled_learning_rate(config: CoreOptions, processes: int = 1) -> float:
+    """learning_rate, times batch size × accumulation × processes with lr_scale (its square root with
+    lr_scale_sqrt too), as SimpleTuner scales it; lr_scale_sqrt alone changes nothing there either."""
+    if not config.lr_scale:
+        return config.learning_rate
+    factor = config.train_batch_size * config.gradient_accumulation_steps * processes
+    return config.learning_rate * (math.sqrt(factor) if config.lr_scale_sqrt else factor)
+
+
+def optimizer_settings(config: CoreOptions, accepted: set[str] | None = None, processes: int = 1) -> dict[str, Any]:
     """Keyword arguments for the optimizer (without ``params``): defaults, then options, then overrides.
 
     ``accepted``: the optimizer's keyword names; options it has no use for (eps for Lion) are left out.
+    ``processes``: how many processes train together (for lr_scale).
     """
-    settings: dict[str, Any] = {"lr": config.learning_rate, **DEFAULTS[config.optimizer]}
+    settings: dict[str, Any] = {"lr": scaled_learning_rate(config, processes), **DEFAULTS[config.optimizer]}
     beta1 = config.optimizer_beta1 if config.optimizer_beta1 is not None else config.adam_beta1
     beta2 = config.optimizer_beta2 if config.optimizer_beta2 is not None else config.adam_beta2
     if beta1 is not None or beta2 is not None:
@@ -160,13 +170,13 @@ def optimizer_settings(config: CoreOptions, accepted: set[str] | None = None) ->
     return settings
 
 
-def build_optimizer(params: list[torch.nn.Parameter], config: CoreOptions) -> torch.optim.Optimizer:
+def build_optimizer(params: list[torch.nn.Parameter], config: CoreOptions, processes: int = 1) -> torch.optim.Optimizer:
     """The optimizer; with fuse_optimizer one per parameter stepped during backward (stune.fused), with
     optimizer_cpu_offload_method=torchao wrapped in torchao's CPUOffloadOptimizer."""
     name = config.optimizer
     cls = _optimizer_class(name)
     _check_overrides(cls, config.optimizer_overrides, name)
-    settings = optimizer_settings(config, _accepted(cls))
+    settings = optimizer_settings(config, _accepted(cls), processes)
     if config.fuse_optimizer:
         from stune.fused import FusedOptimizer
 

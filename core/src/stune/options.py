@@ -36,7 +36,8 @@ class Options(BaseModel):
     (raise ``ValueError`` with one sentence) or in the ``check_config`` hook.
     """
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=False)
+    # no option means anything at infinity or NaN ("1e400" reads as inf): they are refused by name
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=False, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod

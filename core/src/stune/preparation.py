@@ -71,6 +71,11 @@ def prepare_transformer(run: Run) -> tuple[torch.nn.Module, Adapter]:
     elif config.gradient_checkpointing and not fsdp_checkpointing:
         recompute = run.residency.recomputing if run.residency is not None else None
         enable_gradient_checkpointing(transformer, config.gradient_checkpointing_interval, recompute)
+    if config.gradient_checkpointing_offload_attention:
+        from stune.memory import offload_attention
+
+        covered = offload_attention(transformer, pin_memory=device.type == "cuda")
+        log.info("gradient_checkpointing_offload_attention: %d attention modules save to CPU memory", covered)
     return transformer, adapter
 
 

@@ -351,3 +351,8 @@ def finish_run(config: CoreOptions, family: ModelFamily, output_dir: Path, resul
     url = push(config, Path(output_dir))
     if url:
         log.info("published: %s", url)
+        if config.post_upload_script:
+            from stune import scripts
+
+            placeholders = scripts.values(config, huggingface_path=config.hub_model_id, remote_checkpoint_path=url)
+            scripts.start("post_upload_script", config.post_upload_script, placeholders)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from stune import checkpoint, sharding
+from stune import checkpoint, diskguard, sharding
 from stune.run import Run
 
 log = logging.getLogger("stune.train")
@@ -31,13 +31,44 @@ ADAPTER_STATE = "adapter_state.safetensors"
 def save_adapter(run: Run, folder: Path) -> list[Path]:
     assert run.adapter is not None
     folder.mkdir(parents=True, exist_ok=True)
-    return run.session.host.hooks.save_adapter(
+    paths = run.session.host.hooks.save_adapter(
         family=run.session.family,
         transformer=run.accelerator.unwrap_model(run.transformer),
         adapter=run.adapter,
         output_dir=folder,
         config=run.session.config,
     )
+    comment = run.session.config.modelspec_comment
+    if comment is not None:
+        text = modelspec_text(comment, step=run.state.global_step, model_family=run.session.config.model_family)
+        for path in paths:  # a full fine-tune returns its diffusers folder: every weight file in it
+            for file in sorted(path.glob("*.safetensors")) if path.is_dir() else [path]:
+                if file.suffix == ".safetensors":
+                    add_metadata(file, {MODELSPEC_COMMENT: text})
+    return paths
+
+
+#: the safetensors metadata key of SimpleTuner's (and the Stability modelspec's) free-text comment
+MODELSPEC_COMMENT = "modelspec.comment"
+
+
+def modelspec_text(template: str, *, step: int, model_family: str | None) -> str:
+    """``template`` with {current_step}, {model_family} and {env:NAME} filled in (an unset variable is empty)."""
+    import os
+    import re
+
+    text = re.sub(r"\{env:([A-Za-z_][A-Za-z0-9_]*)\}", lambda m: os.environ.get(m.group(1), ""), template)
+    return text.replace("{current_step}", str(step)).replace("{model_family}", model_family or "")
+
+
+def add_metadata(path: Path, entries: dict[str, str]) -> None:
+    """Rewrite the safetensors file ``path`` with ``entries`` added to its header metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+    tensors = load_file(str(path))
+    save_file(tensors, str(path), metadata={**metadata, **entries})
 
 
 def gather_weights(run: Run) -> dict[str, torch.Tensor] | None:
@@ -61,7 +92,9 @@ def saving_from(run: Run, gathered: dict[str, torch.Tensor] | None) -> Iterator[
         run.adapter.gathered = None
 
 
-def save_checkpoint(run: Run) -> Path:
+def save_checkpoint(run: Run, rolling: bool = False) -> Path:
+    """Write ``checkpoint-<step>`` (``rolling``: ``checkpoint-<step>-rolling``, kept to
+    checkpoints_rolling_total_limit), once the disk guard has found space for it."""
     state, features = run.state, run.session.features
     assert run.noise_generator is not None and run.placement is not None
     sharded: dict[str, Any] = {}  # what the sharded weights and optimizer gave, for the main process
@@ -100,12 +133,18 @@ def save_checkpoint(run: Run) -> Path:
         checkpoint.write_state(folder, own, checkpoint.rng_file(run.processes.rank))
 
     config = run.session.config
+    name = f"{checkpoint.PREFIX}{state.global_step}{checkpoint.ROLLING if rolling else ''}"
+    diskguard.ensure_space(config, run.output_dir, name, run.processes)
+    keep = config.checkpoints_rolling_total_limit if rolling else config.checkpoints_total_limit
     resident = run.residency is None and run.sharded is None  # offload_during_save moves whole models only
     with run.placement.transformer_saving(run.accelerator.unwrap_model(run.transformer), resident):
-        path = checkpoint.save(
-            run.output_dir, state.global_step, write, config.checkpoints_total_limit, run.processes, write_each
-        )
+        path = checkpoint.save(run.output_dir, state.global_step, write, keep, run.processes, write_each, rolling)
     run.session.host.hooks.on_checkpoint_saved(state=state, path=path)
+    if config.post_checkpoint_script and run.accelerator.is_main_process:
+        from stune import scripts
+
+        placeholders = scripts.values(config, local_checkpoint_path=path.resolve(), global_step=state.global_step)
+        scripts.start("post_checkpoint_script", config.post_checkpoint_script, placeholders)
     return path
 
 

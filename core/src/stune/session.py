@@ -61,6 +61,12 @@ def prepare(
     family.apply_defaults()
     features = [feature(config, family) for feature in host.features.values() if feature.enabled(config)]
     check_run(config, family, features, host)
+    if config.model_type == "lora" and config.lora_type == "lycoris":
+        # the file named by the config, checked before any model loads (`st-train configure` checks
+        # its preset before writing the file, so this is not part of check_run)
+        from stune.checks import lycoris_settings
+
+        lycoris_settings(config.lycoris_config)
     return Session(host=host, config=config, family=family, features=features, config_path=path)
 
 

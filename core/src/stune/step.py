@@ -170,6 +170,19 @@ class FlowStep:
     def draw_sigmas(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         from stune.flow import sample_sigmas
 
+        custom = self.config.flow_custom_timesteps
+        if custom:  # SimpleTuner's fixed list: σ drawn uniformly from it, as given
+            import torch
+
+            values = torch.tensor([v / 1000 if v > 1 else v for v in custom], device=self.device)
+            return values[torch.randint(len(values), (latents.shape[0],), generator=generator, device=self.device)]
+        if self.config.flow_cubic_schedule_weights:  # the user's own density replaces the family's as well
+            from stune.flow import cubic_sigmas, shift_sigmas
+
+            drawn = cubic_sigmas(
+                self.config.flow_cubic_schedule_weights, latents.shape[0], generator=generator, device=self.device
+            )
+            return shift_sigmas(drawn, self.shift(latents.shape[-2], latents.shape[-1]))
         own = self.family.training_sigmas(latents.shape[0], generator, self.device)
         if own is not None:
             return own
@@ -210,6 +223,11 @@ class FlowStep:
         embeds = {k: self._to_device(v, latents.shape[0]) for k, v in batch["embeds"].items()}
         conditioning = {k: self._to_device(v, latents.shape[0]) for k, v in batch.get("conditioning", {}).items()}
         weight = batch.get("loss_weight")
+        chance = self.config.masked_loss_probability
+        if weight is not None and chance < 1:  # masked_loss_probability: some samples train unmasked
+            weight = weight.to(device)
+            unmasked = torch.rand(weight.shape[0], generator=generator, device=device) >= chance
+            weight = torch.where(unmasked.view(-1, *[1] * (weight.ndim - 1)), torch.ones_like(weight), weight)
         return StepInputs(
             latents=latents,
             noise=noise,

@@ -19,8 +19,10 @@ import math
 import os
 import sys
 import time
+import warnings
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,7 +34,7 @@ from stune.checks import check_datasets
 from stune.data.loader import BatchLoader, BatchPlan
 from stune.data.prepare import fill_caches, plan_caches, scan
 from stune.ema import EMA
-from stune.errors import UserError
+from stune.errors import ConfigError, UserError
 from stune.evaluation import Evaluator, make_evaluator
 from stune.family import LoadRequest
 from stune.features import FeatureContext
@@ -50,6 +52,7 @@ from stune.state import TrainState
 from stune.step import FlowStep, Predictor
 from stune.tracking import start_trackers
 from stune.validation import validate, validate_base_model, validation_prompts
+from stune.webhooks import reporting
 
 log = logging.getLogger("stune.train")
 _SHARDED_ENGINES = ("DEEPSPEED", "FSDP", "XLA", "MEGATRON_LM")
@@ -60,13 +63,15 @@ class NonFiniteLoss(UserError):
 
 
 def train(session: Session) -> TrainResult:
-    run = setup(session)
-    load_data(run)
-    build_model(run)
-    resume(run)
-    loop(run)
-    if run.result.interrupted is None:
-        export(run)
+    with reporting(session):  # webhook_config: progress, validation, errors and the end, off this thread
+        run = setup(session)
+        load_data(run)
+        build_model(run)
+        continue_init_lora(run)
+        resume(run)
+        loop(run)
+        if run.result.interrupted is None:
+            export(run)
     return run.result
 
 
@@ -153,10 +158,14 @@ def build_model(run: Run) -> None:
     finish_transformer(run, transformer, adapter)  # sharding, compilation
 
     params = adapter.parameters()
-    optimizer = optim.build_optimizer(params, config)
+    optimizer = optim.build_optimizer(params, config, run.processes.world)
+    if config.lr_scale:
+        log.info("lr_scale: learning rate %g", optim.scaled_learning_rate(config, run.processes.world))
+    elif config.lr_scale_sqrt:
+        log.warning("lr_scale_sqrt acts only together with lr_scale (as in SimpleTuner); the rate is not scaled")
     if config.use_ema:
         ema_device = device if config.ema_device == "accelerator" else torch.device("cpu")
-        run.ema = EMA(params, config.ema_decay, config.ema_update_interval, ema_device)
+        run.ema = EMA(params, config.ema_decay, config.ema_update_interval, ema_device, config.ema_warmup_steps)
     training_sets = [d.dataset for d in run.data.report.training]
     run.plan = BatchPlan(
         run.data.samples,
@@ -165,6 +174,7 @@ def build_model(run: Run) -> None:
         config.caption_dropout_probability,
         {ds.id: ds.entry.probability for ds in training_sets},
         run.processes,
+        fill_partial=config.disable_bucket_pruning,
     )
     steps_per_epoch = max(1, run.plan.batches_per_epoch // config.gradient_accumulation_steps)
     run.max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
@@ -195,6 +205,38 @@ def build_model(run: Run) -> None:
     # No-grad forwards (regularisation targets, rollouts, the eval loss) use the unwrapped model:
     # a distributed wrapper's forward may start collective operations that other processes never join.
     run.predictor = Predictor(family, transformer, adapter, accelerator.autocast, unwrapped=unwrapped)
+
+
+def continue_init_lora(run: Run) -> None:
+    """init_lora_step / init_lora_ema: an adapter-only file continues a run's step count (and so its
+    learning-rate schedule and EMA warmup) and its EMA. A checkpoint being resumed restores both itself."""
+    config = run.session.config
+    if run.resumed is not None or not config.init_lora:
+        return
+    assert run.adapter is not None and run.lr_scheduler is not None
+    if config.init_lora_step:
+        if config.init_lora_step >= run.max_steps:
+            raise UserError(
+                f"init_lora_step {config.init_lora_step} leaves nothing to train (the run ends at step "
+                f"{run.max_steps}); raise max_train_steps or lower init_lora_step."
+            )
+        run.state.global_step = config.init_lora_step
+        with warnings.catch_warnings():  # stepping the schedule ahead, before any optimizer step
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(config.init_lora_step):
+                run.lr_scheduler.step()
+        log.info("init_lora_step: continuing from step %d", config.init_lora_step)
+    if config.init_lora_ema and run.ema is not None:
+        path = Path(config.init_lora_ema)
+        if not path.exists():
+            raise ConfigError(f"init_lora_ema {path} does not exist; fix the path.")
+        trained = [p.detach().clone() for p in run.params]
+        run.adapter.load(path)  # into the model, then copied into the EMA shadow
+        with torch.no_grad():
+            for shadow, param, kept in zip(run.ema.shadow, run.params, trained, strict=True):
+                shadow.copy_(param.detach().to(shadow.device, torch.float32))
+                param.copy_(kept)
+        log.info("init_lora_ema: EMA copy starts from %s", path)
 
 
 # -- checkpoints, validation, eval loss ---------------------------------------------------------------
@@ -295,6 +337,8 @@ def loop(run: Run) -> None:
         write_run_file(run.output_dir, run_summary(run))
     hooks.on_train_start(state=state, config=config)
     validate_base_model(run)
+    if config.validation_on_startup:  # the model as it starts (after a resume: as it was saved)
+        run.result.validation_images += validate(run)
     # Every process builds it (a bad eval_dataset_id stops them all); only the main one evaluates.
     evaluator = make_evaluator(run.flow, run.components, config, run.data.eval_samples, run.data.text_cache)
     progress = tqdm(
@@ -311,6 +355,7 @@ def loop(run: Run) -> None:
     with stop.installed(), contextlib.closing(batches):  # type: ignore[type-var]
         while state.global_step < run.max_steps:
             # -- one optimizer step: accumulate, clip, step ----------------------------------------
+            epochs_before = _epochs_done(run)
             loss_sum = torch.zeros((), device=device)
             term_sums: dict[str, torch.Tensor] = {}
             metric_sums: dict[str, float] = {}
@@ -375,11 +420,19 @@ def loop(run: Run) -> None:
             # -- checkpoints, validation, eval loss, stopping ----------------------------------------
             if state.global_step >= run.max_steps:
                 break
-            if _due(config.checkpoint_step_interval, state.global_step):
+            epochs = (epochs_before, _epochs_done(run))
+            if _due(config.checkpoint_step_interval, state.global_step) or _epoch_due(
+                config.checkpoint_epoch_interval, *epochs
+            ):
                 run.result.checkpoints.append(save_checkpoint(run))
-            if _due(config.validation_step_interval, state.global_step):
+            elif _due(config.checkpointing_rolling_steps, state.global_step):
+                run.result.checkpoints.append(save_checkpoint(run, rolling=True))
+            if (
+                _due(config.validation_step_interval, state.global_step)
+                or _epoch_due(config.validation_epoch_interval, *epochs)
+            ) and _validation_started(config, state.global_step, epochs[1]):
                 run.result.validation_images += validate(run)
-            if _due(config.eval_steps_interval, state.global_step):
+            if _due(config.eval_steps_interval, state.global_step) or _epoch_due(config.eval_epoch_interval, *epochs):
                 evaluate(run, evaluator, metrics)
             stopped = stop.agreed(accelerator)
             if stopped is not None:
@@ -396,8 +449,10 @@ def loop(run: Run) -> None:
             write_run_file(run.output_dir, {**run_summary(run), "interrupted": True})
             write_report(run.output_dir)
         return
-    if config.checkpoint_step_interval:
+    if config.checkpoint_step_interval or config.checkpoint_epoch_interval:
         run.result.checkpoints.append(save_checkpoint(run))
+    elif config.checkpointing_rolling_steps:
+        run.result.checkpoints.append(save_checkpoint(run, rolling=True))
     run.result.validation_images += validate(run)
     evaluate(run, evaluator, metrics)
     if metrics is not None:
@@ -406,6 +461,25 @@ def loop(run: Run) -> None:
 
 def _due(interval: int | None, step: int) -> bool:
     return bool(interval) and step % interval == 0  # type: ignore[operator]
+
+
+def _validation_started(config: Any, step: int, epochs: float) -> bool:
+    """validate_after_step / validate_after_epoch: no scheduled validation before them."""
+    after_step, after_epoch = config.validate_after_step, config.validate_after_epoch
+    return (after_step is None or step >= after_step) and (after_epoch is None or epochs + 1e-9 >= after_epoch)
+
+
+def _epochs_done(run: Run) -> float:
+    """Epochs completed so far, fractions included (batches of this process's epoch consumed)."""
+    assert run.plan is not None
+    return run.state.epoch + run.state.batches_in_epoch / run.plan.batches_per_epoch
+
+
+def _epoch_due(interval: float | None, before: float, after: float) -> bool:
+    """Whether a multiple of ``interval`` epochs (the *_epoch_interval options) was crossed by this step."""
+    if not interval:
+        return False
+    return math.floor(after / interval + 1e-9) > math.floor(before / interval + 1e-9)
 
 
 # -- export ----------------------------------------------------------------------------------------------
@@ -426,4 +500,7 @@ def export(run: Run) -> None:
         run.trackers.finish()  # type: ignore[union-attr]
     accelerator.wait_for_everyone()
     finish_run(session.config, session.family, output_dir, result, accelerator.is_main_process)  # card, Hub push
+    from stune.scripts import wait_all
+
+    wait_all()  # post_checkpoint_script / post_upload_script started during the run
     log.info("done: %d steps; adapter in %s", run.state.global_step, output_dir)

@@ -225,6 +225,9 @@ def test_seed_dataset_list_and_options_pass_check(tmp_path: Path, tiny_hidream_d
             make_images(tmp_path / entry["instance_data_dir"], 2, size=(1024, 1024), captions=False)
     (tmp_path / "config" / "hidream").mkdir(parents=True)
     (tmp_path / "config" / "hidream" / "multidatabackend.json").write_text(json.dumps(seed))
+    # lora_type lycoris reads config/lycoris_config.json (the seed's first) already at check
+    lycoris = Path(__file__).resolve().parent / "seeds" / "lycoris_config-1.json"
+    (tmp_path / "config" / "lycoris_config.json").write_text(lycoris.read_text())
     (tmp_path / "config" / "config.json").write_text(
         json.dumps(
             {

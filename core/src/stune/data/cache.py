@@ -6,12 +6,16 @@ identity; for text the caption and the text-encoder identity (model, token lengt
 rule). Change any of those and the entry is simply not found and re-encoded; nothing is ever
 read stale. Writes go to a temporary name and are renamed into place, so a run killed mid-cache
 leaves no half entry; they happen on a background thread so encoding does not wait for the disk.
+Every entry carries a SHA-256 of its tensors in its safetensors metadata: an entry truncated or
+flipped by one bit (a full disk, a bad copy, a file system without atomic renames) is found when
+the caches are checked at start-up, removed and encoded again, never read as a wrong tensor.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
@@ -22,10 +26,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from stune.data.buckets import SizePlan
+from stune.errors import UserError
+
+log = logging.getLogger("stune.data")
 
 #: the caption key of what a dropped caption trains on (caption dropout); never a real caption
 DROPPED_CAPTION = "\x00(dropped caption)"
@@ -35,11 +43,77 @@ def fingerprint(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:40]
 
 
+#: the safetensors metadata entry holding the SHA-256 of an entry's tensors
+CHECKSUM_KEY = "stune_sha256"
+#: (path, size, mtime) of entries whose checksum matched in this process: each is read once
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes (whatever order the file stores them in)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    # A link left at either name is replaced, never written through (os.replace swaps the link itself):
+    # a cache folder may sit on another disk through a linked folder, but no entry writes outside it.
+    tmp.unlink(missing_ok=True)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(tmp), metadata={CHECKSUM_KEY: tensor_digest(tensors)})
     os.replace(tmp, path)
+
+
+def read_entry(path: Path) -> dict[str, torch.Tensor] | str:
+    """The tensors of a cache entry, or why they cannot be trusted (unreadable, checksum differs)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors: dict[str, torch.Tensor] = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except Exception as exc:  # truncated, a damaged header: safetensors says what it could not read
+        return f"{type(exc).__name__}: {exc}"
+    expected = metadata.get(CHECKSUM_KEY)
+    if expected is not None and tensor_digest(tensors) != expected:  # entries from before checksums: as read
+        return "its tensors do not match the checksum written with them"
+    return tensors
+
+
+def entry_is_sound(path: Path) -> bool:
+    """Whether the cache entry exists and reads back as written; a damaged one is removed (and
+    logged) so that it is encoded again."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return False
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key in _VERIFIED:
+        return True
+    read = read_entry(path)
+    if isinstance(read, str):
+        log.warning("cache entry %s is damaged (%s); it is encoded again", path, read)
+        path.unlink(missing_ok=True)
+        return False
+    _VERIFIED.add(key)
+    return True
+
+
+def load_entry(path: Path) -> dict[str, torch.Tensor]:
+    """A cache entry for training; one damaged since start-up stops the run with one sentence (and is
+    removed, so the same command encodes it again and resumes)."""
+    read = read_entry(path)
+    if isinstance(read, str):
+        path.unlink(missing_ok=True)
+        raise UserError(
+            f"The cache entry {path} was damaged during the run ({read[:200]}); it is removed: run the same "
+            "command again to encode it anew and resume."
+        )
+    return read
 
 
 class AsyncWriter:
@@ -114,7 +188,7 @@ class TextEmbedCache:
         return self.folder / f"{fingerprint(key)}.safetensors"
 
     def missing(self, captions: Iterable[str]) -> list[str]:
-        return [c for c in dict.fromkeys(captions) if not self.path(c).is_file()]
+        return [c for c in dict.fromkeys(captions) if not entry_is_sound(self.path(c))]
 
     def fill(
         self,
@@ -148,7 +222,7 @@ class TextEmbedCache:
                 f"the text-embedding cache has no entry for caption {caption!r} ({path}); "
                 "remove `text` from skip_file_discovery so missing captions are encoded"
             )
-        tensors = load_file(str(path))
+        tensors = load_entry(path)
         self._memory[caption] = tensors
         if len(self._memory) > self._memory_entries:
             self._memory.popitem(last=False)
@@ -207,7 +281,7 @@ class LatentCache:
         bucket, so every VAE batch has one size. Returns the number encoded and the images that
         failed to decode, with the decoder's error.
         """
-        todo = sorted((j for j in jobs if not j.target.is_file()), key=lambda j: j.plan.bucket)
+        todo = sorted((j for j in jobs if not entry_is_sound(j.target)), key=lambda j: j.plan.bucket)
         failures: dict[Path, str] = {}
         if not todo:
             return 0, failures
@@ -268,4 +342,4 @@ class LatentCache:
                 f"the latent cache has no entry {path}; remove `vae` from skip_file_discovery so missing "
                 "latents are encoded"
             )
-        return load_file(str(path))
+        return load_entry(path)

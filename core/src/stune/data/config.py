@@ -12,6 +12,7 @@ from stune.config import DEFAULT_DATA_BACKEND_CONFIG, CoreOptions, _one_sentence
 from stune.errors import ConfigError
 from stune.jsonfile import read_json
 from stune.options import AliasChoices, Options, json_list, option_names
+from stune.simpletuner import translate_dataset_keys
 
 SKIP_DISCOVERY_WORDS = ("vae", "aspect", "metadata", "text")
 
@@ -22,14 +23,33 @@ class ParquetSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str = Field(description="A .parquet file, or a .jsonl file with one JSON object per line.")
-    filename_column: str = Field("id", description="Column naming the image file.")
-    caption_column: str = Field("caption", description="Column holding the caption (a string or a list).")
+    filename_column: str = Field(
+        "id", description="Column naming the image file; default: the global parquet_filename_column, else id."
+    )
+    caption_column: str = Field(
+        "caption",
+        description="Column holding the caption (a string or a list); default: the global parquet_caption_column, "
+        "else caption.",
+    )
     fallback_caption_column: str | None = Field(None, description="Column used when the caption is empty.")
     width_column: str | None = Field(None, description="Column with the image width (skips opening images).")
     height_column: str | None = Field(None, description="Column with the image height.")
     identifier_includes_extension: bool = Field(
         False, description="Whether filename_column values include the file extension."
     )
+
+
+class CaptionShuffle(BaseModel):
+    """SimpleTuner's ``caption_shuffle`` block: deterministic tag-order variants of each caption."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enable: bool = Field(False, description="Whether to add shuffled variants.")
+    count: int = Field(1, ge=1, description="Shuffled variants per caption.")
+    seed: int | None = Field(None, description="Seed of the shuffles; default: the run's seed.")
+    split_on: Literal["comma", "space", "period"] = Field("comma", description="What separates the tags.")
+    position_start: int = Field(0, ge=0, description="Leading tags kept in place.")
+    include_original: bool = Field(True, description="Keep the caption as written among the variants.")
 
 
 class DatasetConfig(Options):
@@ -49,6 +69,12 @@ class DatasetConfig(Options):
         None, gt=0, description="Images larger than this are first downsampled to target_downsample_size."
     )
     target_downsample_size: float | None = Field(None, gt=0, description="Size to downsample very large images to.")
+    max_upscale_threshold: float | None = Field(
+        None,
+        ge=0,
+        description="Skip images that need upscaling by more than this fraction to fill their bucket (0: no "
+        "upscaling; 0.2: up to 1.2×); default: the global option, else no limit.",
+    )
     minimum_aspect_ratio: float | None = Field(None, gt=0, description="Skip images narrower than this (w/h).")
     maximum_aspect_ratio: float | None = Field(None, gt=0, description="Skip images wider than this (w/h).")
     crop: bool = Field(False, description="Crop to the target instead of resizing the whole image into it.")
@@ -65,6 +91,17 @@ class DatasetConfig(Options):
     instance_prompt: str | None = Field(None, description="Caption for instanceprompt, prefix for prepend.")
     prepend_instance_prompt: bool = Field(False, description="Put instance_prompt before every caption.")
     only_instance_prompt: bool = Field(False, description="Use instance_prompt as the only caption.")
+    disable_multiline_split: bool = Field(
+        False, description="Keep a caption file whole instead of reading each line as a caption of its own."
+    )
+    caption_filter_list: list[str] | str | None = Field(
+        None,
+        description="Strings or regular expressions removed from every caption, or `s/pattern/replacement/` "
+        "substitutions; a list, or a text file with one entry per line.",
+    )
+    caption_shuffle: CaptionShuffle | None = Field(
+        None, description="Add shuffled-tag variants of each caption (one is drawn per sample, like multi-captions)."
+    )
     repeats: int = Field(0, ge=0, description="Extra passes over the images per epoch (0: each image once).")
     probability: float = Field(1.0, ge=0, description="Relative chance of drawing a batch from this dataset.")
     max_num_samples: int | None = Field(None, gt=0, description="Use at most this many images (a fixed subset).")
@@ -112,13 +149,36 @@ class DatasetConfig(Options):
     def _conditioning_ids(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
+    @field_validator("id")
+    @classmethod
+    def _id_is_a_name(cls, value: str) -> str:
+        # the id names the dataset's cache folder and index file: `../x` would write outside the cache
+        from stune.names import name_problem
+
+        problem = name_problem(value)
+        if problem is not None:
+            raise ValueError(f"the dataset id {problem}, and it names the dataset's cache folder; use a plain name")
+        return value
+
     @model_validator(mode="after")
     def _rules(self) -> DatasetConfig:
         where = f"dataset `{self.id}`"
+        from stune.names import text_problem
+
+        for key in ("instance_data_dir", "cache_dir_vae", "cache_dir", "instance_prompt"):
+            value = getattr(self, key)
+            problem = text_problem(value, path_like=key != "instance_prompt") if value is not None else None
+            if problem is not None:
+                raise ValueError(f"{where}: `{key}` {problem}")
+        problem = text_problem(self.parquet.path, path_like=True) if self.parquet is not None else None
+        if problem is not None:
+            raise ValueError(f"{where}: `parquet.path` {problem}")
         if self.dataset_type in ("image", "eval", "conditioning") and not self.disabled and not self.instance_data_dir:
             raise ValueError(f"`instance_data_dir` is missing: {where} needs the folder of its images")
         if (self.maximum_image_size is None) != (self.target_downsample_size is None):
             raise ValueError(f"{where}: set `maximum_image_size` and `target_downsample_size` together")
+        if any(not isinstance(a, float) or a <= 0 for a in self.crop_aspect_buckets or []):
+            raise ValueError(f"{where}: every `crop_aspect_buckets` entry is an aspect ratio (width/height) above 0")
         if self.crop and self.crop_aspect in ("closest", "random") and not self.crop_aspect_buckets:
             raise ValueError(f"{where}: crop_aspect={self.crop_aspect} needs `crop_aspect_buckets`")
         if (self.minimum_aspect_ratio and self.maximum_aspect_ratio) and (
@@ -148,15 +208,40 @@ class ResolvedDataset:
     """A dataset entry with the global defaults filled in and its cache folders decided."""
 
     def __init__(self, entry: DatasetConfig, config: CoreOptions, text_cache_dir: Path) -> None:
+        # SimpleTuner also takes these as global options: they are the defaults of every dataset.
+        inherited = {
+            key: getattr(config, key)
+            for key in ("prepend_instance_prompt", "only_instance_prompt", "skip_file_discovery")
+            if key not in entry.model_fields_set and getattr(config, key)
+        }
+        if inherited:
+            try:
+                entry = DatasetConfig.model_validate({**entry.model_dump(exclude_unset=True), **inherited})
+            except ValidationError as exc:
+                raise ConfigError(
+                    f"Dataset `{entry.id}` with the global {', '.join(inherited)}: {_one_sentence(exc)}"
+                ) from None
         self.id = entry.id
         self.entry = entry
         self.kind = entry.dataset_type
         self.folder = Path(entry.instance_data_dir or ".")
         self.resolution = float(entry.resolution or config.resolution)
         self.resolution_type = entry.resolution_type or config.resolution_type
+        from stune.data.buckets import bucket_for_aspect
+
+        try:
+            square = bucket_for_aspect(1.0, self.resolution, self.resolution_type, 16)
+        except (OverflowError, ValueError):
+            square = (0, 0)
+        if not 0 < square[0] * square[1] <= 2**32:  # 65536², far beyond any model's canvas
+            raise ConfigError(
+                f"Dataset `{self.id}`: resolution {self.resolution:g} ({self.resolution_type}) is no size an image "
+                "can be trained at; use e.g. 1024 (pixel_area) or 1.0 (area)."
+            )
         self.caption_strategy = entry.caption_strategy or config.caption_strategy
         self.instance_prompt = entry.instance_prompt or config.instance_prompt
         self.repeats = entry.repeats
+        self.caption_seed = config.seed or 0  # caption_shuffle without a seed of its own
         self.batch_size = entry.train_batch_size or config.train_batch_size
         # Size limits: the dataset's own, else the global defaults (SimpleTuner's global options).
         explicit = entry.model_fields_set
@@ -175,7 +260,20 @@ class ResolvedDataset:
             )
         if (self.maximum_image_size is None) != (self.target_downsample_size is None):
             raise ConfigError(f"Dataset `{self.id}`: set `maximum_image_size` and `target_downsample_size` together.")
+        self.max_upscale_threshold = (
+            entry.max_upscale_threshold if "max_upscale_threshold" in explicit else config.max_upscale_threshold
+        )
         self.is_regularisation = entry.is_regularisation_data
+        self.ignore_missing_files = config.ignore_missing_files
+        if entry.parquet is not None:  # the global parquet_* options fill the columns the block leaves out
+            given = entry.parquet.model_fields_set
+            defaults = {
+                "caption_column": config.parquet_caption_column,
+                "filename_column": config.parquet_filename_column,
+            }
+            update = {k: v for k, v in defaults.items() if v is not None and k not in given}
+            if update:
+                entry.parquet = entry.parquet.model_copy(update=update)
         root = Path(config.cache_dir_vae) if config.cache_dir_vae else Path(config.cache_dir) / "vae"
         self.latent_cache_dir = Path(entry.cache_dir_vae) if entry.cache_dir_vae else root / entry.id
         self.text_cache_dir = text_cache_dir
@@ -201,7 +299,8 @@ def read_dataset_list(config: CoreOptions) -> tuple[Path, list[DatasetConfig]]:
         if not isinstance(raw, dict):
             raise ConfigError(f"Entry {index} of {path} is not a JSON object.")
         raw = {str(k).lstrip("-"): v for k, v in raw.items()}
-        name = raw.get("id", f"#{index}")
+        name = str(raw.get("id", f"#{index}"))[:60]  # a hostile id must not make the message a megabyte
+        translate_dataset_keys(raw, known, f"Dataset `{name}` in {path}")
         for key in raw:
             if key not in known:
                 close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)

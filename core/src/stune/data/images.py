@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 
 from stune.data.buckets import SizePlan
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}  # animated: the first frame
 # EXIF orientations that swap width and height.
 _TRANSPOSED = {5, 6, 7, 8}
 
@@ -29,9 +29,25 @@ def list_images(folder: Path) -> list[Path]:
     )
 
 
+def check_pixels(img: Image.Image) -> None:
+    """Refuse an image that has no pixels, or more than Pillow's decompression-bomb limit
+    (``PIL.Image.MAX_IMAGE_PIXELS``, read at each call: a program may raise or lower it). Pillow
+    itself only warns between the limit and twice the limit; a dataset skips those too."""
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise ValueError(f"the image has no pixels ({width}x{height})")
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise Image.DecompressionBombError(
+            f"{width}x{height} is {width * height} pixels, over Pillow's decompression-bomb limit of {limit} "
+            "(PIL.Image.MAX_IMAGE_PIXELS)"
+        )
+
+
 def oriented_size(path: Path) -> tuple[int, int]:
     """(width, height) as displayed, reading only the header."""
     with Image.open(path) as img:
+        check_pixels(img)
         width, height = img.size
         orientation = img.getexif().get(0x0112, 1)
     return (height, width) if orientation in _TRANSPOSED else (width, height)
@@ -40,7 +56,8 @@ def oriented_size(path: Path) -> tuple[int, int]:
 def load_rgb(path: Path) -> Image.Image:
     """Decode fully, apply EXIF orientation, convert any mode (RGBA over white, 16-bit, CMYK) to RGB."""
     with Image.open(path) as opened:
-        opened.load()
+        check_pixels(opened)  # before decoding: a bomb is refused from its header
+        opened.load()  # an animated GIF/WebP: its first frame
         img: Image.Image = opened
         img = ImageOps.exif_transpose(img) or img
         if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
@@ -70,6 +87,7 @@ def load_mask(path: Path, plan: SizePlan, scale_factor: int) -> np.ndarray:
     """A mask image cropped exactly like its training image, averaged down to the latent grid,
     as weights in [0, 1] (white trains, black is ignored)."""
     with Image.open(path) as img:
+        check_pixels(img)
         img.load()
         grey = (ImageOps.exif_transpose(img) or img).convert("L")
     if grey.size != plan.resize_to:

@@ -56,8 +56,12 @@ class BatchPlan:
         caption_dropout: float,
         probabilities: dict[str, float] | None = None,
         processes: Processes | None = None,
+        fill_partial: bool = False,
     ) -> None:
         self.processes = processes or Processes()
+        # disable_bucket_pruning: a bucket's last, partial batch (or a bucket smaller than a batch) is
+        # completed with repeats of its own samples, since a batch never mixes sizes.
+        self.fill_partial = fill_partial
         self.samples = samples
         self.batch_sizes = batch_sizes
         self.seed = seed
@@ -70,9 +74,13 @@ class BatchPlan:
             (ds, size): len(ix)
             for ds, buckets in self.groups.items()
             for size, ix in buckets.items()
-            if len(ix) < batch_sizes[ds]
+            if len(ix) < batch_sizes[ds] and not fill_partial
         }
-        total = sum(len(ix) // batch_sizes[ds] for ds, buckets in self.groups.items() for ix in buckets.values())
+        total = sum(
+            -(-len(ix) // batch_sizes[ds]) if fill_partial else len(ix) // batch_sizes[ds]
+            for ds, buckets in self.groups.items()
+            for ix in buckets.values()
+        )
         self.batches_per_epoch = total // self.processes.world  # per process
         if self.batches_per_epoch == 0:
             raise UserError(
@@ -91,6 +99,9 @@ class BatchPlan:
                 order = [members[i] for i in torch.randperm(len(members), generator=gen).tolist()]
                 usable = len(order) - len(order) % size
                 batches += [order[i : i + size] for i in range(0, usable, size)]
+                if self.fill_partial and usable < len(order):
+                    rest = order[usable:]
+                    batches.append(rest + [order[i % len(order)] for i in range(size - len(rest))])
             per_dataset[ds] = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
         names = [ds for ds in per_dataset if per_dataset[ds]]
         planned: list[PlannedBatch] = []

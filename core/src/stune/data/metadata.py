@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from stune.data.buckets import SizePlan, plan_size, skip_reason
+from stune.data.captions import edited_captions
 from stune.data.config import ResolvedDataset
 from stune.data.images import list_images, oriented_size
 from stune.errors import ConfigError
 
 INDEX_NAME = ".stune-index-{id}.json"
+log = logging.getLogger("stune.data")
 
 
 @dataclass
@@ -109,6 +112,7 @@ class SizeIndex:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            tmp.unlink(missing_ok=True)  # a link planted there is replaced, not written through
             tmp.write_text(json.dumps(self.entries), encoding="utf-8")
             os.replace(tmp, self.path)
         except OSError:
@@ -133,7 +137,8 @@ class CaptionTable:
         for row in rows:
             if source.filename_column not in row:
                 raise ConfigError(
-                    f"Dataset `{ds.id}`: {path} has no column `{source.filename_column}`; set parquet.filename_column."
+                    f"Dataset `{ds.id}`: {path} has no column `{source.filename_column}`; set parquet.filename_column "
+                    "(or the global parquet_filename_column)."
                 )
             self.rows[str(row[source.filename_column])] = row
 
@@ -149,7 +154,7 @@ class CaptionTable:
         for column in (self.source.caption_column, self.source.fallback_caption_column):
             value = row.get(column) if column else None
             values = value if isinstance(value, list) else [value]
-            captions = [str(v).strip() for v in values if v is not None and str(v).strip()]
+            captions = [capped(str(v), "parquet caption").strip() for v in values if v is not None and str(v).strip()]
             if captions:
                 return captions
         return []
@@ -184,7 +189,36 @@ def _read_rows(path: Path, dataset_id: str) -> list[dict[str, Any]]:
     return table
 
 
-def file_captions(path: Path, strategy: str, instance_prompt: str | None) -> list[str]:
+#: longer captions are cut here: no text encoder reads more than a few thousand characters (T5: 512
+#: tokens), and a megabyte caption would sit in memory and in every cache key of its image
+MAX_CAPTION_CHARS = 8192
+
+
+def capped(text: str, where: str) -> str:
+    if len(text) <= MAX_CAPTION_CHARS:
+        return text
+    log.warning(
+        "%s is %d characters long; it is cut to %d (the text encoders read fewer still: their tokenizers "
+        "truncate to their token length)",
+        where,
+        len(text),
+        MAX_CAPTION_CHARS,
+    )
+    return text[:MAX_CAPTION_CHARS]
+
+
+def read_caption_file(path: Path) -> str:
+    """A caption file's text: UTF-8, else decoded with replacement characters and a warning."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        log.warning("caption file %s is not UTF-8 (byte %d); undecodable bytes are replaced by \ufffd", path, exc.start)
+        text = data.decode("utf-8", errors="replace")
+    return capped(text.replace("\x00", " "), f"caption file {path}")
+
+
+def file_captions(path: Path, strategy: str, instance_prompt: str | None, split_lines: bool = True) -> list[str]:
     """The caption(s) of an image from its name, its .txt file or the instance prompt."""
     if strategy == "instanceprompt":
         return [instance_prompt or ""]
@@ -192,7 +226,10 @@ def file_captions(path: Path, strategy: str, instance_prompt: str | None) -> lis
         text_path = path.with_suffix(".txt")
         if not text_path.is_file():
             return []
-        lines = [line.strip() for line in text_path.read_text(encoding="utf-8", errors="replace").splitlines()]
+        text = read_caption_file(text_path)
+        if not split_lines:  # disable_multiline_split: the whole file is one caption
+            return [text.strip()] if text.strip() else []
+        lines = [line.strip() for line in text.splitlines()]
         return [line for line in lines if line]
     return [" ".join(path.stem.replace("_", " ").split())]
 
@@ -265,11 +302,22 @@ def scan_dataset(ds: ResolvedDataset, alignment: int, rounding: int, max_pixels:
     reference_sizes = SizeIndex(ds.references) if ds.references is not None else None
     for path in paths:
         scan.found += 1
+        if trust_index and not path.is_file():  # listed by the index, gone from the folder since
+            if not ds.ignore_missing_files:
+                raise ConfigError(
+                    f"Dataset `{ds.id}`: {path} is listed in its trusted index (skip_file_discovery) but no longer "
+                    "exists; set ignore_missing_files true to skip such files, or remove metadata/aspect from "
+                    "skip_file_discovery to rescan the folder."
+                )
+            scan.skipped.append(Skipped(path, "missing file", "listed in the index, gone from the folder"))
+            continue
         row = table.row(path, ds.folder) if table is not None else None
         if ds.caption_strategy == "parquet":
             captions = table.captions(row) if (table is not None and row is not None) else []
         else:
-            captions = file_captions(path, ds.caption_strategy, ds.instance_prompt)
+            captions = file_captions(
+                path, ds.caption_strategy, ds.instance_prompt, not ds.entry.disable_multiline_split
+            )
         if not captions and not ds.entry.only_instance_prompt:
             where = (
                 "no row in the parquet file"
@@ -286,7 +334,8 @@ def scan_dataset(ds: ResolvedDataset, alignment: int, rounding: int, max_pixels:
         if size is None:
             size_or_error = index.trusted(path) if trust_index else index.size(path)
             if isinstance(size_or_error, str):
-                scan.skipped.append(Skipped(path, "unreadable", size_or_error))
+                bomb = size_or_error.startswith("DecompressionBombError")
+                scan.skipped.append(Skipped(path, "over the pixel limit" if bomb else "unreadable", size_or_error))
                 continue
             size = size_or_error
         reason = skip_reason(size[0], size[1], ds)
@@ -299,10 +348,15 @@ def scan_dataset(ds: ResolvedDataset, alignment: int, rounding: int, max_pixels:
             if mask is None:
                 scan.skipped.append(Skipped(path, "missing mask", f"no mask for it in {ds.masks.folder}"))  # type: ignore[union-attr]
                 continue
-        record = ImageRecord(path, with_instance_prompt(captions, ds), size[0], size[1], mask=mask)
+        record = ImageRecord(path, with_instance_prompt(edited_captions(captions, ds), ds), size[0], size[1], mask=mask)
         record.plan = plan_size(
             size[0], size[1], ds, alignment, rounding, key=str(path.resolve()), max_pixels=max_pixels
         )
+        upscale = max(record.plan.resize_to[0] / size[0], record.plan.resize_to[1] / size[1])
+        if ds.max_upscale_threshold is not None and upscale > 1 + ds.max_upscale_threshold + 1e-9:
+            detail = f"{size[0]}x{size[1]} needs ×{upscale:.2f} for {record.plan.bucket[0]}x{record.plan.bucket[1]}"
+            scan.skipped.append(Skipped(path, "upscaled beyond max_upscale_threshold", detail))
+            continue
         if references is not None and reference_sizes is not None and ds.references is not None:
             key = path.relative_to(ds.folder).with_suffix("").as_posix()
             problem = _pair_reference(

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from stune.data.cache import DROPPED_CAPTION, LatentCache, LatentJob, TextEmbedCache
+from stune.data.cache import DROPPED_CAPTION, LatentCache, LatentJob, TextEmbedCache, entry_is_sound
 from stune.data.images import load_mask, load_sample
 from stune.data.loader import Sample
 from stune.data.metadata import Skipped
@@ -53,7 +53,7 @@ class CachePlan:
             ]
             if ds_id not in self.trusted_latents
             for job in jobs
-            if not job.target.is_file()
+            if not entry_is_sound(job.target)
         )
 
 

@@ -34,6 +34,8 @@ class DatasetReport:
     scan: Scan
     effective_batch: int
     extra_skipped: list[Skipped] = field(default_factory=list)
+    #: False with disable_bucket_pruning: a bucket smaller than a batch is filled by repeating its samples
+    pruning: bool = True
 
     @property
     def skipped(self) -> list[Skipped]:
@@ -54,13 +56,13 @@ class DatasetReport:
 
     @property
     def kept_buckets(self) -> dict[tuple[int, ...], int]:
-        if self.dataset.kind != "image":
+        if self.dataset.kind != "image" or not self.pruning:
             return dict(self.bucket_samples())
         return {b: n for b, n in self.bucket_samples().items() if n >= self.effective_batch}
 
     @property
     def dropped_buckets(self) -> dict[tuple[int, ...], int]:
-        if self.dataset.kind != "image":
+        if self.dataset.kind != "image" or not self.pruning:
             return {}
         return {b: n for b, n in self.bucket_samples().items() if n < self.effective_batch}
 
@@ -199,6 +201,7 @@ def scan_all(config: CoreOptions, family: ModelFamily, processes: int | None = N
             if ds.kind == "conditioning"
             else scan_dataset(ds, family.alignment, config.aspect_bucket_rounding, family.maximum_canvas_pixels),
             effective_batch=ds.batch_size * effective,
+            pruning=not config.disable_bucket_pruning,
         )
         for ds in listing.datasets
     ]

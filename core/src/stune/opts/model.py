@@ -30,6 +30,12 @@ class ModelOptions(Options):
     gradient_checkpointing_interval: int | None = Field(
         None, ge=1, description="Checkpoint only every N-th block (faster, more memory); default every block."
     )
+    gradient_checkpointing_offload_attention: bool = Field(
+        False,
+        description="Move what attention layers save for backward to CPU memory (pinned on CUDA) until backward "
+        "needs it; acts on blocks that keep their activations (gradient_checkpointing off, or between the blocks "
+        "gradient_checkpointing_interval checkpoints).",
+    )
     i_know_what_i_am_doing: bool = Field(
         False,
         description="Unlock limits a family documents (e.g. a longer T5 token length than the model was trained "
@@ -38,6 +44,15 @@ class ModelOptions(Options):
     base_model_default_dtype: Literal["bf16", "fp32"] | None = Field(
         None, description="dtype of the frozen base weights; default: bf16 under bf16 mixed precision, else fp32."
     )
+
+    @model_validator(mode="after")
+    def _offload_attention(self) -> ModelOptions:
+        if self.gradient_checkpointing_offload_attention and getattr(self, "fsdp_activation_checkpointing", False):
+            raise ValueError(
+                "`gradient_checkpointing_offload_attention` does not combine with fsdp_activation_checkpointing "
+                "(FSDP recomputes every block, so nothing is kept to offload); turn one off"
+            )
+        return self
 
     @model_validator(mode="after")
     def _subfolder_none(self) -> ModelOptions:

@@ -118,6 +118,13 @@ class OptimizerOptions(Options):
         description="Learning-rate schedule after the warm-up; sine: waves between learning_rate and lr_end.",
     )
     lr_warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    lr_scale: bool = Field(
+        False,
+        description="Multiply learning_rate by train_batch_size × gradient_accumulation_steps × processes.",
+    )
+    lr_scale_sqrt: bool = Field(
+        False, description="With lr_scale: multiply by the square root of that product instead."
+    )
     lr_num_cycles: int = Field(1, ge=1, description="Cycles of cosine_with_restarts and sine.")
     lr_power: float = Field(0.8, gt=0, description="Power of the polynomial schedule.")
     lr_end: float = Field(4e-7, ge=0, description="Final learning rate of polynomial; lowest of sine.")

@@ -21,6 +21,16 @@ class PublishOptions(Options):
         False, description="Declare the validation images safe for work (otherwise tagged not-for-all-audiences)."
     )
     model_card_note: str | None = Field(None, description="A note placed at the top of the model card.")
+    modelspec_comment: str | None = Field(
+        None,
+        description="Text written as `modelspec.comment` into the safetensors metadata of every saved adapter "
+        "file (checkpoints and the final export); {current_step}, {model_family} and {env:NAME} are filled in.",
+    )
+    post_upload_script: str | None = Field(
+        None,
+        description="Command run (no shell, in the background) after the Hub upload; {huggingface_path} and "
+        "{remote_checkpoint_path} (the repository URL), {output_dir}, {model_family} … are filled in.",
+    )
 
     @model_validator(mode="after")
     def _hub_repo(self) -> PublishOptions:

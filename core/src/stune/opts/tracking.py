@@ -28,10 +28,31 @@ class TrackingOptions(Options):
         "logs", description="Tracker files (tensorboard events, wandb run), relative to output_dir unless absolute."
     )
 
+    webhook_config: str | dict[str, Any] | list[dict[str, Any]] | None = Field(
+        None,
+        description="Webhooks for progress, validation images and previews, errors and the end of training: "
+        'a JSON file or an object/list of {"webhook_url", "webhook_type": raw|discord, "message_prefix", '
+        '"log_level", "timeout", "retries"} (docs/tracking.md).',
+    )
+    webhook_reporting_interval: int | None = Field(
+        None, ge=1, description="Post a progress message (step, loss, lr) to the webhooks every N steps."
+    )
+
+    @field_validator("webhook_config")
+    @classmethod
+    def _webhook_config(cls, value: Any) -> Any:
+        from stune.webhooks import parse_webhook_config
+
+        parse_webhook_config(value)  # a bad URL or file stops the run before anything is loaded
+        return value
+
     @field_validator("report_to", mode="before")
     @classmethod
     def _report_to(cls, value: Any) -> str:
-        names = [str(name).strip().lower() for name in (json_list(value) or [])]
+        value = json_list(value)
+        if value is not None and not isinstance(value, list | str):
+            raise ValueError("give a tracker name (tensorboard, wandb, all, none) or a list of them")
+        names = [str(name).strip().lower() for name in (value or [])]
         names = [name for name in names if name]
         for name in names:
             if name in _UNSUPPORTED:

@@ -71,6 +71,7 @@ class FluxFamily(ModelFamily[FluxOptions]):
         "validation_guidance": 3.5,
         "validation_num_inference_steps": 20,
         "validation_resolution": "1024x1024",
+        "validation_preview_autoencoder": "madebyollin/taef1",  # FLUX's tiny autoencoder (16 channels)
     }
     #: T5 token limit per flavour (schnell was distilled at 256).
     max_t5_tokens: ClassVar[dict[str, int]] = {"schnell": 256}
@@ -85,6 +86,8 @@ class FluxFamily(ModelFamily[FluxOptions]):
             self.options.flux_attention_masked_training = True
         if self.flavour == "schnell" and "flux_fast_schedule" not in cfg.model_fields_set:
             self.options.flux_fast_schedule = True  # schnell was distilled on it
+        if self.options.flux_lora_init is not None and "lora_init_type" not in cfg.model_fields_set:
+            cfg.lora_init_type = self.options.flux_lora_init
 
     def check_config(self) -> None:
         super().check_config()
@@ -92,12 +95,36 @@ class FluxFamily(ModelFamily[FluxOptions]):
             raise ConfigError(
                 "validation_guidance_rescale has no effect on FLUX (its pipeline has no CFG rescale); set it to 0."
             )
+        opts = self.options
+        if opts.flux_lora_init is not None and opts.flux_lora_init != self.config.lora_init_type:
+            raise ConfigError(
+                f"flux_lora_init `{opts.flux_lora_init}` contradicts lora_init_type `{self.config.lora_init_type}`; "
+                "set only one of them."
+            )
+        if (
+            opts.flux_lora_module_type != "all"
+            and self.config.lora_type == "standard"
+            and not self.lora_target_modules()
+        ):
+            raise ConfigError(
+                f"flux_lora_module_type `{opts.flux_lora_module_type}` keeps no module of flux_lora_target "
+                f"`{opts.flux_lora_target}`; choose another target (all+ffs has both kinds) or module type."
+            )
         limit = self.max_t5_tokens.get(self.flavour or "", 512)
         if self.config.tokenizer_max_length and self.config.tokenizer_max_length > limit:
             raise ConfigError(
                 f"tokenizer_max_length {self.config.tokenizer_max_length} is longer than FLUX {self.flavour} "
                 f"was trained with; use at most {limit}."
             )
+
+    def lora_target_modules(self) -> list[str]:
+        """The preset's modules, kept to flux_lora_module_type's kind (attention or feed-forward)."""
+        targets = super().lora_target_modules()
+        kind = self.options.flux_lora_module_type
+        if kind == "all" or self.config.peft_lora_target_modules:
+            return targets
+        kept = (*_ATTENTION, *_CONTEXT) if kind == "attention" else _FFS
+        return [t for t in targets if t in kept]
 
     def text_cache_identity(self) -> dict[str, Any]:
         return {**super().text_cache_identity(), "t5_padding": self.options.t5_padding}
@@ -177,6 +204,8 @@ class FluxFamily(ModelFamily[FluxOptions]):
                 "pretrained_model_name_or_path (a local diffusers folder, or a Hub id you can access — "
                 "gated repositories need `huggingface-cli login`)."
             ) from exc
+        if self.options.assistant_lora_path and not self.options.disable_assistant_lora:
+            self._load_assistant(transformer)
         for module in (*encoders.values(), vae, transformer):
             module.requires_grad_(False)
             module.eval()
@@ -244,6 +273,7 @@ class FluxFamily(ModelFamily[FluxOptions]):
         embeds = inputs.embeds
         opts = self.options
         config = getattr(transformer, "module", transformer).config
+        _weigh_assistant(getattr(transformer, "module", transformer), opts.assistant_lora_strength)
         packed = FluxPipeline._pack_latents(latents, b, c, h, w)
         img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
         text = embeds["prompt_embeds"]
@@ -329,6 +359,7 @@ class FluxFamily(ModelFamily[FluxOptions]):
         pipe.set_progress_bar_config(disable=True)
         device = next(transformer.parameters()).device
         dtype = components.vae.dtype
+        _weigh_assistant(transformer, opts.assistant_lora_inference_strength)
         true_cfg = opts.validation_guidance_real > 1.0
         no_cfg_steps = opts.validation_no_cfg_until_timestep if true_cfg else 0
 
@@ -376,14 +407,33 @@ class FluxFamily(ModelFamily[FluxOptions]):
                     max_sequence_length=cfg.tokenizer_max_length or 512,
                     output_type="latent",
                     **extra,
-                    **_preview_callback(pipe, request),
+                    **_preview_callback(pipe, request, components.extras.get("preview_autoencoder")),
                 )
             finally:
                 if hook is not None:
                     hook.remove()
             image = _decode(pipe, output.images, request.height, request.width)
             images.append(image if source is None else _side_by_side(source, image))
+        _weigh_assistant(transformer, opts.assistant_lora_strength)
         return images
+
+    def _load_assistant(self, transformer: Any) -> None:
+        """The assistant LoRA as a second, frozen PEFT adapter (``assistant``) of the base transformer."""
+        from diffusers import FluxPipeline
+
+        path = self.options.assistant_lora_path
+        try:
+            state_dict, alphas, metadata = FluxPipeline.lora_state_dict(
+                path, return_alphas=True, return_lora_metadata=True
+            )
+        except (OSError, ValueError) as exc:
+            raise UserError(
+                f"Could not read the assistant LoRA {path!r}: {str(exc).splitlines()[0]}; fix assistant_lora_path "
+                "or set disable_assistant_lora."
+            ) from exc
+        transformer.load_lora_adapter(
+            state_dict, network_alphas=alphas or None, metadata=metadata, prefix="transformer", adapter_name=ASSISTANT
+        )
 
     def loading_example(self, output_dir: Path) -> str:
         if self.takes_reference_images():
@@ -408,6 +458,26 @@ class FluxFamily(ModelFamily[FluxOptions]):
         from stune_flux.tiny import build_demo
 
         return build_demo(workdir)
+
+
+ASSISTANT = "assistant"
+
+
+def _weigh_assistant(transformer: Any, strength: float) -> None:
+    """Make the assistant LoRA active next to the trained one at ``strength``, and keep it frozen
+    (PEFT marks every active adapter trainable)."""
+    if ASSISTANT not in (getattr(transformer, "peft_config", None) or {}):
+        return
+    names = [ASSISTANT, *(n for n in transformer.peft_config if n != ASSISTANT)]
+    if getattr(transformer, "_stune_assistant_weight", None) == strength and set(transformer.active_adapters()) == set(
+        names
+    ):
+        return
+    trainable = {n for n, p in transformer.named_parameters() if p.requires_grad}
+    transformer.set_adapters(names, [strength, *([1.0] * (len(names) - 1))])
+    for name, param in transformer.named_parameters():
+        param.requires_grad_(name in trainable and f".{ASSISTANT}." not in name)
+    transformer._stune_assistant_weight = strength
 
 
 def _open_rgb(path: Path) -> Image.Image:
@@ -449,14 +519,33 @@ def _decode(pipeline: Any, packed: torch.Tensor, height: int, width: int) -> Ima
     return image
 
 
-def _preview_callback(pipe: Any, request: ValidationRequest) -> dict[str, Any]:
-    """``callback_on_step_end`` decoding the latents every ``request.preview_every`` steps."""
+def _decode_tiny(pipeline: Any, tiny: Any, packed: torch.Tensor, height: int, width: int) -> Image.Image:
+    """Packed latents → a preview image through the tiny autoencoder, scaled as the pipeline scales
+    latents for whichever VAE it holds (taef1 is a drop-in replacement for FLUX's)."""
+    import torch
+
+    with torch.no_grad():
+        latents = pipeline._unpack_latents(packed, height, width, pipeline.vae_scale_factor)
+        latents = latents / tiny.config.scaling_factor + (getattr(tiny.config, "shift_factor", None) or 0.0)
+        decoded = tiny.decode(latents.to(tiny.device, tiny.dtype), return_dict=False)[0]
+    image: Image.Image = pipeline.image_processor.postprocess(decoded, output_type="pil")[0]
+    return image
+
+
+def _preview_callback(pipe: Any, request: ValidationRequest, tiny: Any = None) -> dict[str, Any]:
+    """``callback_on_step_end`` decoding the latents every ``request.preview_every`` steps, with the
+    tiny autoencoder (``AutoencoderTiny``, taef1) when there is one, else the full VAE."""
     if request.preview is None or not request.preview_every:
         return {}
 
     def callback(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         if (step + 1) % request.preview_every == 0:
-            request.preview(step + 1, _decode(pipeline, tensors["latents"], request.height, request.width))  # type: ignore[misc]
+            latents = tensors["latents"]
+            if tiny is None:
+                image = _decode(pipeline, latents, request.height, request.width)
+            else:
+                image = _decode_tiny(pipeline, tiny, latents, request.height, request.width)
+            request.preview(step + 1, image)  # type: ignore[misc]
         return {}
 
     return {"callback_on_step_end": callback, "callback_on_step_end_tensor_inputs": ["latents"]}

@@ -8,6 +8,8 @@ from pydantic import model_validator
 
 from stune.options import Field, Options
 
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq")
+MODULE_TYPES = ("all", "attention", "feedforward")
 LORA_TARGETS = ("all", "context", "context+ffs", "all+ffs", "all+ffs+embedder", "ai-toolkit", "tiny", "nano")
 
 
@@ -42,6 +44,26 @@ class FluxOptions(Options):
     validation_no_cfg_until_timestep: int = Field(
         2, ge=0, description="With true CFG, the first N validation sampling steps run without it."
     )
+
+    flux_lora_init: Literal[LORA_INITS] | None = Field(  # type: ignore[valid-type]
+        None,
+        description="FLUX name of lora_init_type (PEFT init_lora_weights): default, gaussian, pissa, olora, loftq.",
+    )
+    flux_lora_module_type: Literal[MODULE_TYPES] = Field(  # type: ignore[valid-type]
+        "all",
+        description="Which kind of module of the flux_lora_target preset gets a LoRA: all, attention (q/k/v/out "
+        "projections of both streams) or feedforward (MLPs, proj_mlp/proj_out of single blocks).",
+    )
+    assistant_lora_path: str | None = Field(
+        None,
+        description="A frozen helper LoRA (diffusers/kohya file or Hub id) loaded into the base while training, "
+        "e.g. ostris/FLUX.1-schnell-training-adapter for schnell; never saved with the trained LoRA.",
+    )
+    assistant_lora_strength: float = Field(1.0, description="Weight of the assistant LoRA while training.")
+    assistant_lora_inference_strength: float = Field(
+        0.0, description="Weight of the assistant LoRA in validation images (0: removed, as at inference)."
+    )
+    disable_assistant_lora: bool = Field(False, description="Do not load assistant_lora_path.")
 
     @model_validator(mode="after")
     def _guidance_range(self) -> FluxOptions:

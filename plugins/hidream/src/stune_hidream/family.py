@@ -95,6 +95,8 @@ class HiDreamFamily(ModelFamily[HiDreamOptions]):
     # are not Linear layers (a raw weight) and stay as they are.
     quantization_exclusions = ("x_embedder*", "t_embedder*", "p_embedder*", "caption_projection*", "final_layer*")
     #: sampling defaults per flavour: (guidance, steps); dev and fast are guidance-distilled
+    #: validation_preview images are decoded by FLUX's tiny autoencoder: HiDream uses FLUX's VAE
+    config_defaults: ClassVar[dict[str, Any]] = {"validation_preview_autoencoder": "madebyollin/taef1"}
     validation_defaults: ClassVar[dict[str, tuple[float, int]]] = {
         "full": (5.0, 50),
         "dev": (0.0, 28),
@@ -515,7 +517,7 @@ class HiDreamFamily(ModelFamily[HiDreamOptions]):
                 guidance_scale=cfg.validation_guidance,
                 generator=torch.Generator("cpu").manual_seed(request.seed),
                 max_sequence_length=cfg.tokenizer_max_length or MAX_T5_TOKENS,
-                **_preview_callback(pipe, request),
+                **_preview_callback(pipe, request, components.extras.get("preview_autoencoder")),
             )
             images.append(output.images[0])
         return images
@@ -642,13 +644,14 @@ def _sample_size_for(width: int, height: int, vae_scale_factor: int) -> float:
     return math.sqrt(width * height) / vae_scale_factor * (1 + 1e-6)
 
 
-def _preview_callback(pipe: Any, request: ValidationRequest) -> dict[str, Any]:
-    """``callback_on_step_end`` decoding the latents every ``request.preview_every`` steps."""
+def _preview_callback(pipe: Any, request: ValidationRequest, tiny: Any = None) -> dict[str, Any]:
+    """``callback_on_step_end`` decoding the latents every ``request.preview_every`` steps, with the
+    tiny autoencoder (taef1, scaled by its own config as a drop-in VAE) when there is one."""
     if request.preview is None or not request.preview_every:
         return {}
     import torch
 
-    vae = pipe.vae
+    vae = tiny if tiny is not None else pipe.vae
 
     def callback(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         if (step + 1) % request.preview_every == 0:

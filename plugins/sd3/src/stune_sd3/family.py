@@ -75,6 +75,9 @@ class SD3Family(ModelFamily[SD3Options]):
         "time_text_embed*",
     )
 
+    #: validation_preview images are decoded by SD3's tiny autoencoder (AutoencoderTiny, 16 channels)
+    config_defaults: ClassVar[dict[str, Any]] = {"validation_preview_autoencoder": "madebyollin/taesd3"}
+
     # -- configuration --------------------------------------------------------------------------
     def apply_defaults(self) -> None:
         super().apply_defaults()
@@ -341,7 +344,7 @@ class SD3Family(ModelFamily[SD3Options]):
                 output_type="latent",
                 **negative,
                 **slg,
-                **_preview_callback(pipe, request),
+                **_preview_callback(pipe, request, components.extras.get("preview_autoencoder")),
             )
             images.append(_decode(pipe, output.images))
         return images
@@ -388,17 +391,19 @@ class SD3Family(ModelFamily[SD3Options]):
         return build_demo(workdir)
 
 
-def _decode(pipe: Any, latents: Any) -> Image.Image:
+def _decode(pipe: Any, latents: Any, tiny: Any = None) -> Image.Image:
     """Latents to an image in the VAE's dtype: under mixed precision the prepared transformer hands
-    back fp32, which a bf16 VAE cannot take (the pipeline's own decode does not cast)."""
-    vae = pipe.vae
+    back fp32, which a bf16 VAE cannot take (the pipeline's own decode does not cast). ``tiny``: the
+    AutoencoderTiny previews use instead (scaled by its own config, as a drop-in VAE would be)."""
+    vae = tiny if tiny is not None else pipe.vae
     latents = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
     decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
     return pipe.image_processor.postprocess(decoded, output_type="pil")[0]  # type: ignore[no-any-return]
 
 
-def _preview_callback(pipe: Any, request: ValidationRequest) -> dict[str, Any]:
-    """``callback_on_step_end`` decoding the latents every ``request.preview_every`` steps."""
+def _preview_callback(pipe: Any, request: ValidationRequest, tiny: Any = None) -> dict[str, Any]:
+    """``callback_on_step_end`` decoding the latents every ``request.preview_every`` steps (with the
+    tiny autoencoder, taesd3, when there is one)."""
     if request.preview is None or not request.preview_every:
         return {}
     import torch
@@ -406,7 +411,7 @@ def _preview_callback(pipe: Any, request: ValidationRequest) -> dict[str, Any]:
     def callback(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         if (step + 1) % request.preview_every == 0:
             with torch.no_grad():
-                request.preview(step + 1, _decode(pipeline, tensors["latents"]))  # type: ignore[misc]
+                request.preview(step + 1, _decode(pipeline, tensors["latents"], tiny))  # type: ignore[misc]
         return {}
 
     return {"callback_on_step_end": callback, "callback_on_step_end_tensor_inputs": ["latents"]}
