@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from stune.data.buckets import SizePlan
@@ -106,6 +106,13 @@ def entry_is_sound(path: Path) -> bool:
 def load_entry(path: Path) -> dict[str, torch.Tensor]:
     """A cache entry for training; one damaged since start-up stops the run with one sentence (and is
     removed, so the same command encodes it again and resumes)."""
+    try:
+        stat = path.stat()
+        if (str(path), stat.st_size, stat.st_mtime_ns) in _VERIFIED:
+            # checked at start-up and not rewritten since: no checksum in the training step again
+            return load_file(str(path))
+    except (OSError, SafetensorError):
+        pass  # gone or unreadable now: read_entry says why
     read = read_entry(path)
     if isinstance(read, str):
         path.unlink(missing_ok=True)
