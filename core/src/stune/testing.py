@@ -143,3 +143,41 @@ def stune_cli() -> Run:
 def _stune_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+def check_demo_vae(model: Path, label: str) -> None:
+    """A family's demo model (built by ``stune.demo_assets``): its VAE reconstructs held-out shapes
+    (≥ 20 dB PSNR at 64 px, far above the random-weight VAE) and its base pre-training lowered the loss."""
+    from diffusers import AutoencoderKL
+
+    from stune import demo_assets
+
+    built = json.loads((model / demo_assets.MARKER).read_text())
+    vae = AutoencoderKL.from_pretrained(model / "vae")  # type: ignore[no-untyped-call]
+    psnr = demo_assets.reconstruction_psnr(vae, demo_assets.held_out_pixels())
+    print(f"{label} demo VAE: {built['vae']['psnr_before']:.1f} dB with random weights, {psnr:.1f} dB trained")
+    assert psnr >= 20.0
+    assert built["vae"]["psnr_before"] < 12.0
+    assert built["base"]["last_loss"] < built["base"]["first_loss"]
+
+
+def check_demo_lora(model: Path, plugin: str, tmp_path: Path, label: str) -> None:
+    """`st-train demo --plugin PLUGIN` on a copy of the built demo model: the model is reused, the final
+    message points at the report, and the trigger prompt's last validation image is much closer to the
+    demo's concept colour than the base image."""
+    import shutil
+
+    from stune import demo_assets
+
+    workdir = tmp_path / "demo"
+    shutil.copytree(model, workdir / "model")
+    proc = run_cli(["demo", "--plugin", plugin, "--dir", str(workdir)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = workdir / "output"
+    assert f"stune demo finished: 200 steps of a {plugin} LoRA" in proc.stdout
+    assert f"report:            {out / 'report.html'}" in proc.stdout
+    assert not (workdir / "base-training").exists()  # the model in the folder was reused
+    distances = demo_assets.concept_distances(out)
+    print(f"{label} demo: distance to", demo_assets.CONCEPT, "base → steps:", [round(d, 1) for d in distances])
+    assert len(distances) == 3
+    assert distances[-1] < 0.6 * distances[0]
