@@ -47,13 +47,11 @@ ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "reference"
 SEEDS = Path(__file__).with_name("seeds")
 
-#: Options of reference §2 that stune refuses although §2 names them, each with why (reported to the
-#: issue): the issue itself asks for the destructive ones to be refused; the others are methods
-#: stune does not have.
+#: Options of reference §2 that stune refuses although §2 names them, each with why: the issue
+#: itself asks for the destructive ones to be refused (stune never modifies dataset folders).
 SECTION_2_REFUSALS = {
     "delete_problematic_images": "the issue's own example of a refusal: stune never modifies dataset folders",
     "delete_unwanted_images": "destructive like delete_problematic_images",
-    "publishing_config": "Hub publishing only",
 }
 
 

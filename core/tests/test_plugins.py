@@ -113,6 +113,8 @@ def test_the_catalog_tells_the_truth_about_installed_plugins() -> None:
         assert set(entry.options) <= own, f"catalog lists options {set(entry.options) - own} that {name} lacks"
         assert set(entry.neutral) <= set(entry.options)
         assert sorted(info.provides.get("commands", [])) == sorted(entry.commands)
+        names = {n for n, cls in host.publishers.items() if cls.name in info.provides.get("publishers", [])}
+        assert names == set(entry.publishers)
     assert checked >= 1  # stune-flux at least
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from stune.errors import ConfigError
 from stune.publish import check_publish
+from stune.publishing import build_publishers
 from stune.quantize import NO_CHANGE, plan_targets
 from stune.tracking import check_trackers
 
@@ -41,6 +42,7 @@ def check_run(config: CoreOptions, family: ModelFamily, features: list[TrainingF
     _check_lora_init(config)
     check_trackers(config)
     check_publish(config)
+    build_publishers(config.publishing_config, host)  # providers installed, their keys and SDKs
     _check_precisions(config, family, host)
     _check_memory(config)
     for feature in features:

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from stune.features import TrainingFeature
     from stune.layout import TokenLayout
     from stune.options import Options
+    from stune.publishing import Publisher
     from stune.quantize import Quantizer, QuantizeTarget
     from stune.state import TrainState
     from stune.step import Prediction, StepInputs
@@ -105,6 +106,18 @@ def register_features(register: Callable[[type[TrainingFeature]], None]) -> None
         :class:`stune.features.TrainingFeature`. The core asks each feature whether the config
         enables it, checks that the model family declares what the feature requires, and drives
         the enabled ones through the run (inputs, extra loss terms, metrics, checkpoints).
+    """
+
+
+@hookspec
+def register_publishers(register: Callable[[type[Publisher]], None]) -> None:
+    """Register storage providers for ``publishing_config`` (S3, Azure Blob, Dropbox, …).
+
+    Fires once when the registries are built. Collecting.
+
+    :param register: call ``register(PublisherClass)`` with a subclass of
+        :class:`stune.publishing.Publisher`; its ``name`` and ``aliases`` are the values a
+        ``publishing_config`` entry's ``provider`` may take.
     """
 
 

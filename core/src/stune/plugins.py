@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from stune.config import CoreOptions
     from stune.family import ModelFamily
     from stune.features import TrainingFeature
+    from stune.publishing import Publisher
     from stune.quantize import Quantizer
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
@@ -54,6 +55,7 @@ class CatalogEntry:
     options: list[str]
     neutral: dict[str, Any]
     commands: list[str] = field(default_factory=list)
+    publishers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -97,6 +99,7 @@ def load_catalog() -> dict[str, CatalogEntry]:
             options=entry.get("options", []),
             neutral=entry.get("neutral", {}),
             commands=entry.get("commands", []),
+            publishers=entry.get("publishers", []),
         )
         for name, entry in data.items()
         if not name.startswith("_")
@@ -140,6 +143,7 @@ class PluginHost:
         self.features: dict[str, type[TrainingFeature]] = {}
         self.option_models: list[tuple[str, type[Options]]] = []
         self.commands: dict[str, Command] = {}
+        self.publishers: dict[str, type[Publisher]] = {}  # provider name or alias → class
         self._owners: dict[str, str] = {}
 
     # -- building ------------------------------------------------------------------------------
@@ -250,6 +254,7 @@ class PluginHost:
         walk("register_quantizers", "quantizers", self._add_quantizer)
         walk("register_features", "features", self._add_feature)
         walk("register_commands", "commands", self._add_command)
+        walk("register_publishers", "publishers", self._add_publisher)
 
     def _claim(self, kind: str, name: str, plugin: str) -> None:
         key = f"{kind}:{name}"
@@ -287,6 +292,16 @@ class PluginHost:
         self.commands[name] = Command(name, help_text, add_arguments, run, plugin)
         return str(name)
 
+    def _add_publisher(self, plugin: str, publisher: type[Publisher]) -> str:
+        from stune.publishing import Publisher
+
+        if not (isinstance(publisher, type) and issubclass(publisher, Publisher)):
+            raise PluginLoadError(f"The plugin `{plugin}` registered a publisher that is not a stune Publisher.")
+        for name in (publisher.name, *publisher.aliases):
+            self._claim("publishing provider", name, plugin)
+            self.publishers[name] = publisher
+        return publisher.name
+
     # -- questions -------------------------------------------------------------------------------
 
     def listing(self, include_defaults: bool = False) -> list[dict[str, Any]]:
@@ -313,6 +328,12 @@ class PluginHost:
     def catalog_owner_of_option(self, key: str) -> CatalogEntry | None:
         for entry in self.catalog.values():
             if key in entry.options and entry.name not in self.infos:
+                return entry
+        return None
+
+    def catalog_owner_of_publisher(self, provider: str) -> CatalogEntry | None:
+        for entry in self.catalog.values():
+            if provider in entry.publishers and entry.name not in self.infos:
                 return entry
         return None
 

@@ -1,6 +1,7 @@
 """The model card (``output_dir/README.md``) and the optional Hugging Face Hub upload.
 
-At the end of a run :func:`finish_run` writes the card (always) and, with ``push_to_hub``, creates
+At the end of a run :func:`finish_run` writes the card (always), hands ``output_dir`` to the
+``publishing_config`` providers (:mod:`stune.publishing`) and, with ``push_to_hub``, creates
 the ``hub_model_id`` repository and uploads ``output_dir`` to it with ``huggingface_hub``:
 the adapter, its config, the card, validation images, ``metrics.jsonl`` and TensorBoard logs;
 ``checkpoint-*`` folders only with ``push_checkpoints_to_hub``; never wandb's run folder (it
@@ -22,6 +23,7 @@ from stune.errors import ConfigError, UserError
 if TYPE_CHECKING:
     from stune.config import CoreOptions
     from stune.family import ModelFamily
+    from stune.plugins import PluginHost
 
 log = logging.getLogger("stune.publish")
 
@@ -285,7 +287,9 @@ def write_model_card(config: CoreOptions, family: ModelFamily, output_dir: Path,
     """Write ``output_dir/README.md`` (and the run's options as ``training_config.json``, which the card cites)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / TRAINING_CONFIG).write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
+    from stune.publishing import shareable_values
+
+    (output_dir / TRAINING_CONFIG).write_text(json.dumps(shareable_values(config), indent=2) + "\n")
     path = output_dir / CARD_FILE
     path.write_text(model_card_text(config, family, output_dir, result), encoding="utf-8")
     log.info("model card: %s", path)
@@ -343,16 +347,33 @@ def push(config: CoreOptions, output_dir: Path) -> str | None:
     return str(url)
 
 
-def finish_run(config: CoreOptions, family: ModelFamily, output_dir: Path, result: Any, is_main: bool) -> None:
-    """End of training: write the model card and, with ``push_to_hub``, upload (main process only)."""
+def finish_run(
+    config: CoreOptions,
+    family: ModelFamily,
+    output_dir: Path,
+    result: Any,
+    is_main: bool,
+    host: PluginHost | None = None,
+) -> None:
+    """End of training: write the model card, then upload with ``push_to_hub`` and to every
+    ``publishing_config`` provider (main process only)."""
     if not is_main:
         return
     write_model_card(config, family, output_dir, result)
     url = push(config, Path(output_dir))
     if url:
         log.info("published: %s", url)
-        if config.post_upload_script:
-            from stune import scripts
+        _after_upload(config, url)
+    if host is not None and config.publishing_config:
+        from stune.publishing import build_publishers, publish_outputs
 
-            placeholders = scripts.values(config, huggingface_path=config.hub_model_id, remote_checkpoint_path=url)
-            scripts.start("post_upload_script", config.post_upload_script, placeholders)
+        publishers = build_publishers(config.publishing_config, host)
+        publish_outputs(publishers, Path(output_dir), lambda _publisher, uri: _after_upload(config, uri))
+
+
+def _after_upload(config: CoreOptions, uri: str) -> None:
+    if config.post_upload_script:
+        from stune import scripts
+
+        placeholders = scripts.values(config, huggingface_path=config.hub_model_id, remote_checkpoint_path=uri)
+        scripts.start("post_upload_script", config.post_upload_script, placeholders)

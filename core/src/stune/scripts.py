@@ -1,5 +1,5 @@
 """User commands run at fixed points of a run: SimpleTuner's ``post_checkpoint_script`` (after each
-checkpoint) and ``post_upload_script`` (after the Hub upload).
+checkpoint) and ``post_upload_script`` (after each upload: the Hub, publishing_config providers).
 
 The command is split with :mod:`shlex` and started without a shell, on the main process only, in
 the background: a slow or failing script never holds up or stops training (its exit status is

@@ -84,4 +84,22 @@ def _installed_owners(host: PluginHost, raw: dict[str, Any]) -> list[str]:
         and owner.name in installed
         and str(owner.neutral.get(key, object())).lower() != str(value).lower()
     }
+    owners.update(
+        owner.name
+        for provider in _publishing_providers(raw.get("publishing_config"))
+        if provider not in host.publishers
+        and (owner := host.catalog_owner_of_publisher(provider)) is not None
+        and owner.name in installed
+    )
     return sorted(owners)
+
+
+def _publishing_providers(value: Any) -> list[str]:
+    """The provider names publishing_config asks for (its mistakes are reported when it is validated)."""
+    from stune.errors import UserError
+    from stune.publishing import read_entries
+
+    try:
+        return [entry["provider"].strip().lower() for entry in read_entries(value)]
+    except UserError:
+        return []

@@ -442,11 +442,6 @@ OPTION_ROWS: dict[str, Row] = {
         "holds it",
         None,
     ),
-    "publishing_config": refused(
-        "stune publishes to the Hugging Face Hub only (push_to_hub); upload output_dir to S3, B2, Azure or "
-        "Dropbox with that provider's own tool",
-        None,
-    ),
     "save_text_encoder": refused(
         "stune never trains the text encoders, so it has none to save; the base model's are used at inference",
         False,
@@ -1148,6 +1143,7 @@ OPTION_TESTS: dict[str, str] = {
     "validate_after_step": "tests/test_simpletuner_compat.py::test_post_checkpoint_script_and_validate_after_step_in_a_toy_run",
     "validate_after_epoch": "tests/test_simpletuner_compat.py::test_validate_after_epoch",
     "post_upload_script": "tests/test_simpletuner_compat.py::test_post_upload_script_after_the_upload",
+    "publishing_config": "plugins/publish/tests/test_publish.py::test_a_run_publishes_its_outputs_to_every_provider",
     "prepend_instance_prompt": "tests/test_simpletuner_compat.py::test_global_dataset_options",
     "only_instance_prompt": "tests/test_simpletuner_compat.py::test_global_dataset_options",
     "skip_file_discovery": "tests/test_simpletuner_compat.py::test_global_dataset_options",

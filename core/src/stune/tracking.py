@@ -79,9 +79,15 @@ def _series(key: str) -> str:
     return key if "/" in key or key.startswith("eval") else f"train/{key}"
 
 
+def _shareable(config: CoreOptions) -> dict[str, Any]:
+    from stune.publishing import shareable_values
+
+    return shareable_values(config)
+
+
 def _hparams(config: CoreOptions) -> dict[str, Any]:
     """The run's options, JSON-ready (lists and dicts as JSON text, for TensorBoard's hparams)."""
-    values = config.model_dump(mode="json")
+    values = _shareable(config)  # credentials in publishing_config / webhook_config stay out
     return {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in values.items()}
 
 
@@ -182,7 +188,7 @@ def _start_wandb(config: CoreOptions, folder: Path, name: str) -> Any:
         project=config.tracker_project_name,
         name=name,
         dir=str(directory),
-        config=config.model_dump(mode="json"),
+        config=_shareable(config),
         tags=["stune", *([config.model_family] if config.model_family else [])],
         mode=mode,
     )

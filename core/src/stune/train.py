@@ -499,7 +499,8 @@ def export(run: Run) -> None:
         session.host.hooks.on_train_end(state=run.state, output_dir=output_dir)
         run.trackers.finish()  # type: ignore[union-attr]
     accelerator.wait_for_everyone()
-    finish_run(session.config, session.family, output_dir, result, accelerator.is_main_process)  # card, Hub push
+    # card, Hub push, publishing_config providers
+    finish_run(session.config, session.family, output_dir, result, accelerator.is_main_process, session.host)
     from stune.scripts import wait_all
 
     wait_all()  # post_checkpoint_script / post_upload_script started during the run

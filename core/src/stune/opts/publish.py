@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import model_validator
+from typing import Any
+
+from pydantic import field_validator, model_validator
 
 from stune.options import Field, Options
 
@@ -28,9 +30,24 @@ class PublishOptions(Options):
     )
     post_upload_script: str | None = Field(
         None,
-        description="Command run (no shell, in the background) after the Hub upload; {huggingface_path} and "
-        "{remote_checkpoint_path} (the repository URL), {output_dir}, {model_family} … are filled in.",
+        description="Command run (no shell, in the background) after each upload (the Hub, then every "
+        "publishing_config provider); {huggingface_path}, {remote_checkpoint_path} (the repository or "
+        "folder URI), {output_dir}, {model_family} … are filled in.",
     )
+    publishing_config: str | dict[str, Any] | list[dict[str, Any]] | None = Field(
+        None,
+        description="Upload output_dir at the end of training to storage providers besides the Hub: a JSON "
+        'file or an object/list of {"provider": s3|backblaze_b2|azure_blob|dropbox, "base_path", '
+        '"include_checkpoints", and the provider\'s keys} (stune-publish; docs/publishing.md).',
+    )
+
+    @field_validator("publishing_config")
+    @classmethod
+    def _publishing_config(cls, value: Any) -> Any:
+        from stune.publishing import read_entries
+
+        read_entries(value)  # the shape; providers and their keys are checked with the plugins loaded
+        return value
 
     @model_validator(mode="after")
     def _hub_repo(self) -> PublishOptions:
