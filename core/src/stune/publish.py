@@ -360,7 +360,13 @@ def finish_run(
     if not is_main:
         return
     write_model_card(config, family, output_dir, result)
-    url = push(config, Path(output_dir))
+    # A failed upload to one destination must not keep the run from the others.
+    failures: list[UserError] = []
+    try:
+        url = push(config, Path(output_dir))
+    except UserError as exc:
+        failures.append(exc)
+        url = None
     if url:
         log.info("published: %s", url)
         _after_upload(config, url)
@@ -368,7 +374,12 @@ def finish_run(
         from stune.publishing import build_publishers, publish_outputs
 
         publishers = build_publishers(config.publishing_config, host)
-        publish_outputs(publishers, Path(output_dir), lambda _publisher, uri: _after_upload(config, uri))
+        try:
+            publish_outputs(publishers, Path(output_dir), lambda _publisher, uri: _after_upload(config, uri))
+        except UserError as exc:
+            failures.append(exc)
+    if failures:
+        raise UserError(" ".join(str(exc) for exc in failures)) from failures[0]
 
 
 def _after_upload(config: CoreOptions, uri: str) -> None:

@@ -4,7 +4,7 @@
 path of a JSON file holding either. Each entry names a ``provider`` (``s3``, ``backblaze_b2``,
 ``azure_blob``, ``dropbox`` … — whatever the installed plugins register through
 ``register_publishers``), an optional ``base_path`` inside the destination, and the provider's own
-keys (bucket, credentials, …). At the end of training, after the model card and the optional Hub
+keys (bucket, credentials, …; ``{env:NAME}`` in a value reads an environment variable). At the end of training, after the model card and the optional Hub
 push, the main process uploads ``output_dir`` as the folder ``<base_path>/<output_dir's name>/``
 to each provider, with the same file selection as the Hub upload (no temporary files, no wandb run
 folder; ``checkpoint-*`` folders only with ``include_checkpoints``).
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -183,6 +185,7 @@ def build_publishers(value: Any, host: PluginHost) -> list[Publisher]:
                 )
             known = ", ".join(sorted(host.publishers)) or "none installed"
             raise ConfigError(f"{OPTION} provider `{name}` is unknown; installed providers: {known}.")
+        entry = {key: _from_environment(value, name, key) for key, value in entry.items()}
         try:
             settings = cls.Settings.model_validate({**entry, "provider": cls.name})
         except ValidationError as exc:
@@ -191,6 +194,27 @@ def build_publishers(value: Any, host: PluginHost) -> list[Publisher]:
         publisher.check()
         publishers.append(publisher)
     return publishers
+
+
+_ENV = re.compile(r"\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _from_environment(value: Any, provider: str, key: str) -> Any:
+    """``{env:NAME}`` in a string value is the environment variable's value, so that credentials
+    can stay out of config files (``"secret_key": "{env:AWS_SECRET_ACCESS_KEY}"``)."""
+    if not isinstance(value, str):
+        return value
+
+    def variable(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise ConfigError(
+                f"{OPTION} provider `{provider}`: `{key}` reads the environment variable {name}, which is not set; "
+                "export it."
+            )
+        return os.environ[name]
+
+    return _ENV.sub(variable, value)
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -65,6 +65,15 @@ def test_a_provider_of_a_missing_plugin_names_the_package() -> None:
         build_publishers({"provider": "dropbox", "token": "t"}, bare)
 
 
+def test_values_may_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    entry = {"provider": "dropbox", "token": "{env:STUNE_TEST_DROPBOX_TOKEN}", "base_path": "runs"}
+    with pytest.raises(ConfigError, match=r"`token` reads the environment variable STUNE_TEST_DROPBOX_TOKEN, which "):
+        build_publishers(entry, PluginHost.build())
+    monkeypatch.setenv("STUNE_TEST_DROPBOX_TOKEN", "sl.from-the-environment")
+    (publisher,) = build_publishers(entry, PluginHost.build())
+    assert publisher.settings.token == "sl.from-the-environment"  # type: ignore[attr-defined]
+
+
 def test_the_file_form_and_aliases_read_like_inline_json(tmp_path: Path) -> None:
     entries = [{"provider": "AZURE", "container": "c", "connection_string": "UseDevelopmentStorage=true"}]
     path = tmp_path / "publishing.json"
@@ -147,7 +156,8 @@ def _run(folder: Path, model: Path, publishing: list[dict[str, Any]], services: 
     dataset = {"id": "pictures", "type": "local", "instance_data_dir": str(folder / "images"),
                "caption_strategy": "textfile", "cache_dir_vae": str(folder / "cache")}  # fmt: skip
     write_run(folder, config, [dataset])
-    return run_cli(["--plugin", "flux"], cwd=folder, env=services["dropbox"].environment())
+    env = {**services["dropbox"].environment(), "STUNE_TEST_DROPBOX_TOKEN": DROPBOX_TOKEN}
+    return run_cli(["--plugin", "flux"], cwd=folder, env=env)
 
 
 def test_a_run_publishes_its_outputs_to_every_provider(
@@ -163,7 +173,8 @@ def test_a_run_publishes_its_outputs_to_every_provider(
         {"provider": "azure_blob", "connection_string": services["azure"].connection_string,
          "container": "stune", "base_path": "models/latest"},
         # a small chunk size sends the LoRA file through an upload session, as a large file would go
-        {"provider": "dropbox", "token": DROPBOX_TOKEN, "base_path": "/SimpleTuner/runs", "chunk_size_mb": 0.004},
+        {"provider": "dropbox", "token": "{env:STUNE_TEST_DROPBOX_TOKEN}", "base_path": "/SimpleTuner/runs",
+         "chunk_size_mb": 0.004},
     ]  # fmt: skip
     done = _run(
         tmp_path,

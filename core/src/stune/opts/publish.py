@@ -38,7 +38,7 @@ class PublishOptions(Options):
         None,
         description="Upload output_dir at the end of training to storage providers besides the Hub: a JSON "
         'file or an object/list of {"provider": s3|backblaze_b2|azure_blob|dropbox, "base_path", '
-        '"include_checkpoints", and the provider\'s keys} (stune-publish; docs/publishing.md).',
+        '"include_checkpoints", and the provider\'s keys} (stune-publish; docs/tracking.md).',
     )
 
     @field_validator("publishing_config")
