@@ -1,6 +1,7 @@
 """Several processes from config.json alone: `num_processes: 2` makes `st-train` relaunch itself
 through accelerate (no launcher typed), and `fsdp_enable` shards the transformer with FSDP2 over
-two CPU processes (gloo); its checkpoints resume under FSDP and in a single process."""
+two CPU processes (gloo); its checkpoints resume under FSDP and in a single process. FSDP 1 and
+DeepSpeed need CUDA: what they hand to accelerate, and their refusal on this machine."""
 
 from __future__ import annotations
 
@@ -53,8 +54,8 @@ def _run_folder(folder: Path, model: Path, **options: Any) -> Path:
     return folder
 
 
-def _train(run: Path) -> str:
-    proc = run_cli(["--plugin", "flux"], cwd=run, timeout=900)
+def _train(run: Path, *plugins: str) -> str:
+    proc = run_cli(["--plugin", "flux", *[arg for p in plugins for arg in ("--plugin", p)]], cwd=run, timeout=900)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     return log
@@ -78,13 +79,36 @@ def test_num_processes_in_the_config_runs_two_processes(tmp_path: Path, tiny_flu
     assert _steps(tmp_path) == [1, 2, 3, 4] and log.count("done: 4 steps") == 1
 
 
+#: a plugin file for the training processes: once sharded, each writes which of its modules are FSDP2 modules
+FSDP_PROBE = """
+import json, os
+from stune.hookspecs import hookimpl
+
+
+@hookimpl
+def route_tokens(family, transformer, layout, features, config):
+    def probe(module, args, kwargs):
+        from torch.distributed.fsdp import FSDPModule
+
+        blocks = [type(block).__name__ for _, _, block in layout.blocks(module) if isinstance(block, FSDPModule)]
+        record = {"transformer": isinstance(module, FSDPModule), "fsdp_blocks": blocks}
+        with open(f"fsdp-probe-{os.environ['RANK']}.json", "w") as file:
+            json.dump(record, file)
+
+    transformer.register_forward_pre_hook(probe, with_kwargs=True)
+"""
+
+
 def test_fsdp_trains_and_resumes_sharded_and_in_one_process(tmp_path: Path, tiny_flux_dir: Path) -> None:
+    """fsdp_version 2 shards with torch's fully_shard: the training processes see their transformer
+    and each of its blocks as FSDP2 modules (``torch.distributed.fsdp.FSDPModule``)."""
     from diffusers import FluxPipeline
 
     first = _run_folder(
         tmp_path / "fsdp",
         tiny_flux_dir,
         fsdp_enable=True,
+        fsdp_version=2,
         fsdp_cpu_ram_efficient_loading=True,
         fsdp_activation_checkpointing=True,
         validation_prompt="a picture number 2",
@@ -92,8 +116,18 @@ def test_fsdp_trains_and_resumes_sharded_and_in_one_process(tmp_path: Path, tiny
         validation_num_inference_steps=2,
         validation_step_interval=2,
     )
-    log = _train(first)
+    probe = tmp_path / "fsdp_probe.py"
+    probe.write_text(FSDP_PROBE)
+    log = _train(first, str(probe))
     assert "FSDP2: 3 sharded units over 2 processes" in log
+    # The tiny FLUX has one double-stream block and two single-stream ones; fully_shard gives each
+    # sharded module a class FSDP<its class> deriving from FSDPModule.
+    blocks = ["FSDPFluxTransformerBlock", "FSDPFluxSingleTransformerBlock", "FSDPFluxSingleTransformerBlock"]
+    for rank in (0, 1):
+        assert json.loads((first / f"fsdp-probe-{rank}.json").read_text()) == {
+            "transformer": True,
+            "fsdp_blocks": blocks,
+        }
     out = first / "output"
     assert {p.name for p in (out / "checkpoint-4" / "optimizer").iterdir()} >= {"__0_0.distcp", "__1_0.distcp"}
     assert len(list((out / "validation_images").glob("step-*.png"))) == 2  # rendered by both, saved once
@@ -117,3 +151,92 @@ def test_fsdp_trains_and_resumes_sharded_and_in_one_process(tmp_path: Path, tiny
     log = _train(single)
     assert "resumed from output/checkpoint-4 at step 4" in log and "relaunching" not in log
     assert _optimizer_steps(single / "output" / "checkpoint-6") == {6.0}
+
+
+def _refused(run: Path, message: str) -> None:
+    """`st-train` stops at the configuration check: exit 2, one sentence, before any model loads."""
+    proc = run_cli(["--plugin", "flux"], cwd=run)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert "relaunching" not in proc.stderr
+    assert not (run / "output").exists() and not (run / "cache").exists()  # nothing loaded, encoded or written
+
+
+def test_fsdp_version_1_goes_to_accelerate_and_needs_cuda(tmp_path: Path, tiny_flux_dir: Path) -> None:
+    """fsdp_version 1 is accelerate's FSDP plugin (version 2 is stune's own fully_shard, so accelerate
+    gets no plugin); on a machine without CUDA st-train stops at the check. The FSDP 1 run itself is
+    not run here."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from stune.config import CoreOptions
+    from stune.sharding import accelerate_plugins
+
+    blocks = ["FluxTransformerBlock", "FluxSingleTransformerBlock"]
+    config = CoreOptions.model_validate({"fsdp_enable": True, "fsdp_version": 1})
+    [(name, plugin)] = accelerate_plugins(config, blocks).items()
+    assert name == "fsdp_plugin" and isinstance(plugin, FullyShardedDataParallelPlugin)
+    assert plugin.fsdp_version == 1 and plugin.transformer_cls_names_to_wrap == blocks
+    assert accelerate_plugins(config.model_copy(update={"fsdp_version": 2}), blocks) == {}
+    if not torch.cuda.is_available():
+        _refused(
+            _run_folder(tmp_path, tiny_flux_dir, fsdp_enable=True, fsdp_version=1),
+            "fsdp_version 1 runs through accelerate on CUDA GPUs only, which this machine lacks; use fsdp_version 2.",
+        )
+
+
+def test_deepspeed_config_becomes_accelerates_deepspeed_plugin(tmp_path: Path, tiny_flux_dir: Path) -> None:
+    """The DeepSpeed JSON (a file, inline text or an object in config.json) becomes accelerate's
+    DeepSpeedPlugin with the values given; "auto" sizes and clipping come from the run's options.
+    ``stune.run.setup`` hands this plugin to ``Accelerator``. Without CUDA, st-train stops at the
+    check. The sharded DeepSpeed run itself needs CUDA GPUs and the deepspeed package and is not
+    run here."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    from stune.config import CoreOptions
+    from stune.sharding import accelerate_plugins
+
+    zero = {
+        "stage": 3,
+        "offload_optimizer": {"device": "cpu"},
+        "offload_param": {"device": "cpu"},
+        "stage3_gather_16bit_weights_on_model_save": True,
+    }
+    given = {
+        "zero_optimization": zero,
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": True},
+    }
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(given))
+    options = {"train_batch_size": 3, "gradient_accumulation_steps": 2, "max_grad_norm": 0.5}
+    for value in (str(path), json.dumps(given), given):
+        config = CoreOptions.model_validate({**options, "deepspeed_config": value})
+        [(name, plugin)] = accelerate_plugins(config, []).items()
+        assert name == "deepspeed_plugin" and isinstance(plugin, DeepSpeedPlugin)
+        assert plugin.deepspeed_config == {
+            **given,
+            "train_micro_batch_size_per_gpu": 3,
+            "gradient_accumulation_steps": 2,
+            "gradient_clipping": 0.5,
+            "steps_per_print": float("inf"),  # accelerate's own: it silences DeepSpeed's step logging
+        }
+        assert (plugin.zero_stage, plugin.offload_optimizer_device, plugin.offload_param_device) == (3, "cpu", "cpu")
+        assert plugin.zero3_save_16bit_model
+        assert (plugin.gradient_accumulation_steps, plugin.gradient_clipping) == (2, 0.5)
+    fixed = {
+        "zero_optimization": {"stage": 2},
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 8,
+        "gradient_clipping": 2.0,
+    }
+    config = CoreOptions.model_validate({**options, "deepspeed_config": fixed})
+    plugin = accelerate_plugins(config, [])["deepspeed_plugin"]
+    assert plugin.deepspeed_config == {**fixed, "steps_per_print": float("inf")}  # numbers given are kept
+    unclipped = CoreOptions.model_validate({"max_grad_norm": 0, "deepspeed_config": {"zero_optimization": {}}})
+    assert accelerate_plugins(unclipped, [])["deepspeed_plugin"].deepspeed_config["gradient_clipping"] == 0.0
+
+    if not torch.cuda.is_available():
+        run = _run_folder(tmp_path / "run", tiny_flux_dir, deepspeed_config=str(path))
+        _refused(run, "deepspeed_config needs CUDA GPUs, which this machine lacks; use fsdp_enable instead.")

@@ -4,6 +4,7 @@ each phase), and the results are the plain run's (same weights, a LoRA that load
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -146,7 +147,35 @@ def test_block_swap_runs_each_swapped_block_in_place(tmp_path: Path, tiny_flux_d
 
 
 def test_fused_backward_pass_gives_the_plain_full_finetune(tmp_path: Path, tiny_flux_dir: Path) -> None:
+    """``optimizer_release_gradients`` (SimpleTuner's name of fuse_optimizer) steps each weight inside
+    the backward pass, the moment its gradient is complete, and frees that gradient; the weights are
+    those of the plain full fine-tune."""
     from diffusers import FluxTransformer2DModel
+
+    from stune.fused import FusedOptimizer
+
+    #: per step, each trained weight as its gradient completes: (name, gradient freed, weights stepped so far)
+    seen: list[list[tuple[str, bool, int]]] = []
+    weights: list[int] = []
+
+    def watch(run: Run) -> None:
+        assert isinstance(run.optimizer, FusedOptimizer)
+        trained = {n: p for n, p in run.transformer.named_parameters() if p.requires_grad}
+        weights.append(len(trained))
+        before: dict[str, torch.Tensor] = {}
+
+        def snapshot(module: torch.nn.Module, args: Any) -> None:
+            before.update({n: p.detach().clone() for n, p in trained.items()})
+            seen.append([])
+
+        def stepped(param: torch.Tensor, name: str) -> None:
+            moved = sum(not torch.equal(p, before[n]) for n, p in trained.items())
+            assert not torch.equal(param, before[name]), f"{name} was not stepped when its gradient completed"
+            seen[-1].append((name, param.grad is None, moved))
+
+        run.transformer.register_forward_pre_hook(snapshot)
+        for name, param in trained.items():  # registered after the optimizer's own hooks: they run first
+            param.register_post_accumulate_grad_hook(functools.partial(stepped, name=name))
 
     runs = {}
     for name, options in {
@@ -154,8 +183,23 @@ def test_fused_backward_pass_gives_the_plain_full_finetune(tmp_path: Path, tiny_
         "fused": {"optimizer_release_gradients": True},
         "fused+swap": {"fuse_optimizer": True, "musubi_blocks_to_swap": 1, "gradient_checkpointing": False},
     }.items():
-        train_in(tmp_path / name, tiny_flux_dir, model_type="full", lora_dropout=0.0, **options)
+        run = train_in(
+            tmp_path / name,
+            tiny_flux_dir,
+            after_build=watch if name == "fused" else None,
+            model_type="full",
+            lora_dropout=0.0,
+            **options,
+        )
         runs[name] = FluxTransformer2DModel.from_pretrained(tmp_path / name / "output" / "transformer")
+        if name == "fused":
+            assert all(p.grad is None for p in run.params)
+    [trained] = weights
+    assert trained > 50 and len(seen) == 3 and all(len(step) == trained for step in seen)  # every weight, once per step
+    for step in seen:
+        # One more weight stepped as each gradient completes, during backward (before optimizer.step)
+        assert [moved for _, _, moved in step] == list(range(1, trained + 1))
+        assert all(freed for _, freed, _ in step)
     base = FluxTransformer2DModel.from_pretrained(tiny_flux_dir, subfolder="transformer")
     plain = dict(runs["plain"].named_parameters())
     assert any(not torch.equal(p, plain[n]) for n, p in base.named_parameters())

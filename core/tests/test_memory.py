@@ -134,7 +134,8 @@ def test_impossible_combinations_are_one_sentence(values: dict[str, Any], named:
         ({"fsdp_enable": True, "fsdp_version": 1}, "fsdp_version 2"),
         ({"fsdp_enable": True, "fsdp_cpu_offload": True}, "has none"),
         ({"fsdp_enable": True, "use_ema": True}, "use_ema"),
-        ({"deepspeed_config": '{"zero_optimization": {"stage": 2}}'}, "deepspeed package"),
+        ({"deepspeed_config": '{"zero_optimization": {"stage": 2}}'}, "deepspeed_config needs CUDA GPUs"),
+        ({"deepspeed_config": '{"train_micro_batch_size_per_gpu": 1}'}, '"zero_optimization" section'),
     ],
 )
 def test_what_this_machine_cannot_run_is_refused(values: dict[str, Any], named: str) -> None:

@@ -73,7 +73,8 @@ def accelerate_plugins(config: CoreOptions, layout_classes: list[str]) -> dict[s
             settings["train_micro_batch_size_per_gpu"] = config.train_batch_size
         if settings.get("gradient_accumulation_steps", "auto") == "auto":
             settings["gradient_accumulation_steps"] = config.gradient_accumulation_steps
-        settings.setdefault("gradient_clipping", config.max_grad_norm if config.max_grad_norm > 0 else 0.0)
+        if settings.get("gradient_clipping", "auto") == "auto":  # accelerate would fill "auto" with 1.0
+            settings["gradient_clipping"] = config.max_grad_norm if config.max_grad_norm > 0 else 0.0
         return {"deepspeed_plugin": DeepSpeedPlugin(hf_ds_config=settings)}
     return {}
 
@@ -262,13 +263,18 @@ def check_sharding(config: CoreOptions) -> None:
         import importlib.util
 
         try:
-            config.deepspeed_settings  # noqa: B018 - reads and checks the file
+            settings = config.deepspeed_settings
         except ValueError as exc:
             raise ConfigError(f"deepspeed_config: {exc}.") from None
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ConfigError("deepspeed_config needs the deepspeed package; install it (`pip install deepspeed`).")
+        if settings is not None and "zero_optimization" not in settings:  # accelerate's plugin refuses it later
+            raise ConfigError(
+                'deepspeed_config has no "zero_optimization" section; add one, e.g. {"zero_optimization": {"stage": 2}}.'
+            )
+        # CUDA first: installing deepspeed would not make it run on a machine without GPUs.
         if not torch.cuda.is_available():
             raise ConfigError("deepspeed_config needs CUDA GPUs, which this machine lacks; use fsdp_enable instead.")
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError("deepspeed_config needs the deepspeed package; install it (`pip install deepspeed`).")
     if not config.fsdp_enable:
         return
     if config.fsdp_version == 1 and not torch.cuda.is_available():

@@ -386,6 +386,50 @@ def test_skip_layer_guidance_runs_on_the_steps_inside_the_window_only(loaded: tu
     assert with_slg.tobytes() != without.tobytes()  # the guidance changes the image
 
 
+def test_validation_guidance_skip_scale_is_diffusers_skip_layer_guidance_scale(loaded: tuple[Any, Any]) -> None:
+    """With skip layers set, ``validation_guidance_skip_scale`` changes the validation image (same
+    seed), and each image is the one StableDiffusion3Pipeline renders from the prompts with
+    ``skip_layer_guidance_scale`` at that value."""
+    import numpy as np
+
+    fam, components = loaded
+    cfg, opts = fam.config, fam.options
+    prompt, negative_prompt = "a red circle on a blue background", "blurry, cropped, ugly"
+    positive, negative = fam.encode_prompts(components, [prompt, negative_prompt])
+    request = ValidationRequest("validation", prompt, positive, negative, 64, 64, seed=5)
+    cfg.validation_num_inference_steps, cfg.validation_guidance = 4, 4.0
+    opts.validation_guidance_skip_layers = [7, 8, 9]
+    opts.validation_guidance_skip_layers_start, opts.validation_guidance_skip_layers_stop = 0.0, 1.0
+    pipe = _pipeline(components)
+    rendered: dict[float, np.ndarray] = {}
+    try:
+        for scale in (2.8, 6.0):
+            opts.validation_guidance_skip_scale = scale
+            with torch.no_grad():
+                [image] = fam.render_validation(components, components.transformer, [request])
+                [reference] = pipe(
+                    prompt,
+                    negative_prompt=negative_prompt,
+                    width=64,
+                    height=64,
+                    num_inference_steps=4,
+                    guidance_scale=4.0,
+                    generator=torch.Generator("cpu").manual_seed(5),
+                    max_sequence_length=77,
+                    skip_guidance_layers=[7, 8, 9],
+                    skip_layer_guidance_scale=scale,
+                    skip_layer_guidance_start=0.0,
+                    skip_layer_guidance_stop=1.0,
+                ).images
+            ours, theirs = np.asarray(image, dtype=np.int16), np.asarray(reference, dtype=np.int16)
+            assert np.abs(ours - theirs).max() <= 1, scale  # 8-bit rounding of the same decoded image
+            rendered[scale] = ours
+    finally:
+        opts.validation_guidance_skip_layers, opts.validation_guidance_skip_scale = None, 2.8
+        opts.validation_guidance_skip_layers_start, opts.validation_guidance_skip_layers_stop = 0.01, 0.2
+    assert np.abs(rendered[2.8] - rendered[6.0]).mean() > 1.0  # the scale changes the image
+
+
 def test_validation_previews_and_images_without_cfg(loaded: tuple[Any, Any]) -> None:
     fam, components = loaded
     [positive] = fam.encode_prompts(components, ["a photo of a cat"])
