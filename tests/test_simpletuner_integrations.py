@@ -7,6 +7,8 @@ import base64
 import http.server
 import json
 import math
+import os
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Any
 
 import pytest
 
+import stune
 import stune.session
 import stune.train
 from stune.errors import ConfigError
@@ -64,10 +67,10 @@ def endpoint() -> Iterator[tuple[str, list[dict[str, Any]]]]:
     server.shutdown()
 
 
-def train_toy(run_dir: Path) -> Any:
+def train_toy(run_dir: Path, *plugins: object) -> Any:
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(run_dir)
-        host = PluginHost.build(plugins=[toy], entry_points=False)
+        host = PluginHost.build(plugins=[toy, *plugins], entry_points=False)
         return stune.train.train(stune.session.prepare(None, None, None, host=host))
 
 
@@ -139,6 +142,34 @@ def test_webhook_config_dead_endpoint_never_stops_training(tmp_path: Path, toy_m
     assert time.monotonic() - started < 60
     if mode != "down":
         server.shutdown()
+
+
+class StopAfterFirstStep:
+    """Sends the process SIGTERM after step 1, as a scheduler stopping the job would."""
+
+    __name__ = "stop_after_first_step"
+
+    @stune.hookimpl
+    def on_step_end(self, state: Any) -> None:
+        if state.global_step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_signal_stopped_run_posts_interrupted_with_the_checkpoint(
+    tmp_path: Path, toy_model: Path, endpoint: tuple[str, list[dict[str, Any]]]
+) -> None:
+    url, received = endpoint
+    run = toy_run(tmp_path, toy_model, webhook_config={"webhook_url": url}, max_train_steps=3, validation_disable=True)
+    result = train_toy(run, StopAfterFirstStep())
+    assert result.interrupted == signal.SIGTERM and result.final_step == 1
+    events = [json.loads(r["body"]) for r in received]
+    # checkpoint-1 was due at step 1 anyway: the stop does not write it a second time
+    assert [e["event"] for e in events] == ["train_start", "checkpoint", "interrupted"]
+    last = events[-1]
+    assert last["level"] == "warning" and last["step"] == 1
+    assert last["message"] == (
+        "training interrupted by SIGTERM at step 1 of 3; checkpoint-1 saved, resume_from_checkpoint=latest continues"
+    )
 
 
 def test_webhook_config_mistakes_are_config_errors(tmp_path: Path, toy_model: Path) -> None:

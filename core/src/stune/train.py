@@ -63,7 +63,7 @@ class NonFiniteLoss(UserError):
 
 
 def train(session: Session) -> TrainResult:
-    with reporting(session):  # webhook_config: progress, validation, errors and the end, off this thread
+    with reporting(session) as webhook:  # webhook_config: progress, validation, errors and the end, off this thread
         run = setup(session)
         load_data(run)
         build_model(run)
@@ -72,6 +72,8 @@ def train(session: Session) -> TrainResult:
         loop(run)
         if run.result.interrupted is None:
             export(run)
+        elif webhook is not None:
+            webhook.interrupted(run.state, run.result.interrupted, run.result.checkpoints[-1:])
     return run.result
 
 
@@ -421,12 +423,15 @@ def loop(run: Run) -> None:
             if state.global_step >= run.max_steps:
                 break
             epochs = (epochs_before, _epochs_done(run))
+            saved = True
             if _due(config.checkpoint_step_interval, state.global_step) or _epoch_due(
                 config.checkpoint_epoch_interval, *epochs
             ):
                 run.result.checkpoints.append(save_checkpoint(run))
             elif _due(config.checkpointing_rolling_steps, state.global_step):
                 run.result.checkpoints.append(save_checkpoint(run, rolling=True))
+            else:
+                saved = False
             if (
                 _due(config.validation_step_interval, state.global_step)
                 or _epoch_due(config.validation_epoch_interval, *epochs)
@@ -436,7 +441,8 @@ def loop(run: Run) -> None:
                 evaluate(run, evaluator, metrics)
             stopped = stop.agreed(accelerator)
             if stopped is not None:
-                run.result.checkpoints.append(save_checkpoint(run))
+                if not saved:  # a checkpoint of this very step is already on disk otherwise
+                    run.result.checkpoints.append(save_checkpoint(run))
                 run.result.interrupted = stopped
                 break
             step_started = time.perf_counter()  # time spent saving/validating is not step time

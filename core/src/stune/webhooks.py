@@ -211,6 +211,18 @@ class WebhookSender:
             )
         )
 
+    def interrupted(self, state: TrainState, signum: int, checkpoints: list[Path]) -> None:
+        """A signal stopped the run between steps (after saving a checkpoint it can resume from)."""
+        import signal
+
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        saved = f"; {checkpoints[-1].name} saved, resume_from_checkpoint=latest continues" if checkpoints else ""
+        text = f"training interrupted by {name} at step {state.global_step} of {state.max_train_steps}{saved}"
+        self.send(Message("interrupted", text, level="warning", step=state.global_step))
+
     # -- the worker -----------------------------------------------------------------------------------
     def _work(self) -> None:
         while True:
