@@ -72,6 +72,16 @@ class TextEncoderSlot:
 
 
 @dataclass
+class CaptionsCut:
+    """Captions one text encoder cut at its token limit (see ModelFamily.note_truncation)."""
+
+    max_length: int
+    main: bool
+    example: str
+    count: int = 0
+
+
+@dataclass
 class LoadRequest:
     """What :meth:`ModelFamily.load` is asked to load, and how.
 
@@ -161,6 +171,45 @@ class ModelFamily(Generic[OptionsT]):
         self.config = config
         #: the run's configuration, typed as this family's options (it holds every plugin's keys)
         self.options = cast(OptionsT, config)
+        #: text encoder label → captions longer than it reads, and one of them (see note_truncation)
+        self.truncated: dict[str, CaptionsCut] = {}
+
+    # -- captions longer than an encoder reads -------------------------------------------------------
+    def note_truncation(self, tokenizer: Any, prompts: list[str], max_length: int, label: str, *, main: bool) -> None:
+        """Count the ``prompts`` that ``tokenizer`` cuts at ``max_length`` tokens for the encoder ``label``.
+
+        Families call it beside each truncating tokenizer call; the core reports the counts after the
+        text cache is filled (a warning for ``main`` encoders, whose sequence the transformer reads,
+        a note for the others, e.g. CLIP's 77 tokens when a T5 carries the whole caption)."""
+        lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True, verbose=False)["input_ids"]]
+        cut = [prompt for prompt, length in zip(prompts, lengths) if length > max_length]
+        if not cut:
+            return
+        entry = self.truncated.setdefault(label, CaptionsCut(max_length, main, cut[0]))
+        entry.count += len(cut)
+
+    def slot_label(self, key: str) -> str:
+        """The label of the text-encoder slot ``key`` (``text_encoder_2`` → ``T5-XXL``)."""
+        return next((slot.label for slot in self.text_encoder_slots if slot.key == key), key)
+
+    def report_truncation(self) -> None:
+        """Log (then forget) how many captions each encoder cut since the last report."""
+        import logging
+
+        log = logging.getLogger("stune.text")
+        for label, entry in self.truncated.items():
+            example = entry.example if len(entry.example) <= 80 else entry.example[:77] + "..."
+            log.log(
+                logging.WARNING if entry.main else logging.INFO,
+                "%d caption%s longer than %s's %d tokens: the rest is cut (e.g. %r)%s",
+                entry.count,
+                " is" if entry.count == 1 else "s are",
+                label,
+                entry.max_length,
+                example,
+                "; shorten them or raise tokenizer_max_length where the family allows" if entry.main else "",
+            )
+        self.truncated.clear()
 
     # -- configuration (no heavy imports) ---------------------------------------------------------
     def apply_defaults(self) -> None:

@@ -256,6 +256,30 @@ def test_attention_mask_and_t5_zero_padding(tiny_flux_dir: Path) -> None:
     assert not torch.allclose(plain, masked)  # padding tokens no longer attended to
 
 
+def test_captions_longer_than_t5_reads_are_counted_and_reported(
+    tiny_flux_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    family = _family(pretrained_model_name_or_path=str(tiny_flux_dir), tokenizer_max_length=16, mixed_precision="no")
+    components = family.load(LoadRequest(torch.device("cpu"), torch.float32))
+    long = "a red circle on a blue square beside a green triangle under a yellow star " * 8
+    family.encode_prompts(components, ["a red circle", long])
+    family.encode_prompts(components, [long + "again"])
+    assert {label: (cut.count, cut.max_length, cut.main) for label, cut in family.truncated.items()} == {
+        "CLIP-L": (2, 77, False),
+        "T5-XXL": (2, 16, True),
+    }
+    with caplog.at_level(logging.INFO, logger="stune.text"):
+        family.report_truncation()
+    t5 = next(r for r in caplog.records if "T5-XXL" in r.message)
+    assert t5.levelno == logging.WARNING
+    assert t5.message.startswith("2 captions are longer than T5-XXL's 16 tokens: the rest is cut (e.g. 'a red circle")
+    clip = next(r for r in caplog.records if "CLIP-L" in r.message)
+    assert clip.levelno == logging.INFO  # T5 reads the whole caption: CLIP's cut is routine
+    assert not family.truncated  # reported once
+    family.encode_prompts(components, ["a red circle"])
+    assert not family.truncated
+
+
 def test_masked_training_run(tmp_path: Path, tiny_flux_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = flux_run(tmp_path, tiny_flux_dir, flux_attention_masked_training="true", t5_padding="zero")
     monkeypatch.chdir(run)

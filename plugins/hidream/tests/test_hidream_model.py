@@ -45,6 +45,16 @@ def _inputs(fam: Any, entries: list[dict[str, torch.Tensor]], shape: tuple[int, 
     return step_inputs(latents, sigmas, fam.collate_embeds(entries))
 
 
+def test_captions_cut_by_t5_and_llama_are_counted(loaded: Any) -> None:
+    fam, components = loaded
+    fam.truncated.clear()
+    fam.encode_prompts(components, ["a red circle " * 40, PROMPTS[0]])
+    cut = {label: (entry.count, entry.main) for label, entry in fam.truncated.items()}
+    assert cut["T5-XXL"] == (1, True) and cut["Llama-3.1-8B-Instruct"] == (1, True)
+    assert all(not main for label, (_, main) in cut.items() if label.startswith("CLIP"))
+    fam.truncated.clear()
+
+
 def test_cached_text_is_the_pipelines_encoding_without_padding(loaded: Any, pipeline_embeds: Any) -> None:
     fam, components = loaded
     t5, llama, pooled = pipeline_embeds

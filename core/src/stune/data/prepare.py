@@ -206,6 +206,7 @@ def fill_caches(
         encoded_captions = plan.text_cache.fill(
             processes.share(captions), encode_text, config.text_encoder_batch_size, plan.report.text_write_batch_size
         )
+    family.report_truncation()  # captions an encoder cut at its token limit (counted by the family)
     processes.barrier()  # every process reads every entry from here on
 
     samples: list[Sample] = []

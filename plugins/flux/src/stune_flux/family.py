@@ -231,6 +231,10 @@ class FluxFamily(ModelFamily[FluxOptions]):
             truncation=True,
             return_tensors="pt",
         )
+        # CLIP only gives the pooled vector; the transformer reads T5's sequence, so T5 cutting matters.
+        self.note_truncation(clip_tok, prompts, clip_tok.model_max_length, self.slot_label("text_encoder"), main=False)
+        t5_length = self.config.tokenizer_max_length or 512
+        self.note_truncation(t5_tok, prompts, t5_length, self.slot_label("text_encoder_2"), main=True)
         # The FLUX pipeline encodes without an attention mask; training must see the same embeddings.
         embeds = t5(t5_in.input_ids.to(t5.device), output_hidden_states=False)[0]
         mask = t5_in.attention_mask.to(embeds.device)

@@ -333,6 +333,14 @@ class HiDreamFamily(ModelFamily[HiDreamOptions]):
         )
         t5_embeds = t5(t5_in.input_ids.to(t5.device), attention_mask=t5_in.attention_mask.to(t5.device))[0]
         llama_tok, llama = tokenizers["tokenizer_4"], encoders["text_encoder_4"]
+        # The transformer reads T5's and Llama's sequences; the CLIPs give only pooled vectors.
+        for key, tokenizer, limit, main in (
+            ("text_encoder", tokenizers["tokenizer"], min(length, 218), False),
+            ("text_encoder_2", tokenizers["tokenizer_2"], min(length, 218), False),
+            ("text_encoder_3", t5_tok, min(length, t5_tok.model_max_length), True),
+            ("text_encoder_4", llama_tok, min(length, llama_tok.model_max_length), True),
+        ):
+            self.note_truncation(tokenizer, prompts, limit, self.slot_label(key), main=main)
         llama_in = llama_tok(
             prompts,
             padding="max_length",

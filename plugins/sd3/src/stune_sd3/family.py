@@ -211,6 +211,8 @@ class SD3Family(ModelFamily[SD3Options]):
                 truncation=True,
                 return_tensors="pt",
             ).input_ids
+            # T5 reads longer captions than the CLIPs: theirs being cut is the normal case
+            self.note_truncation(tokenizer, prompts, tokenizer.model_max_length, self.slot_label(key), main=False)
             out = encoder(ids.to(encoder.device), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])  # the penultimate layer, as SD3 was trained
             pooled.append(out.text_embeds)
@@ -223,6 +225,8 @@ class SD3Family(ModelFamily[SD3Options]):
             add_special_tokens=True,
             return_tensors="pt",
         )
+        length = self.config.tokenizer_max_length or T5_TOKENS
+        self.note_truncation(t5_tok, prompts, length, self.slot_label("text_encoder_3"), main=True)
         # The SD3 pipeline encodes without an attention mask; training must see the same embeddings.
         t5_embeds = t5(t5_in.input_ids.to(t5.device))[0]
         if self.options.t5_padding == "zero":
