@@ -57,3 +57,19 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         ) from None
     except RecursionError:
         raise ConfigError(f"The {what} {path} nests lists or objects too deeply to be read; flatten it.") from None
+
+
+def read_json_option(value: Any, option: str) -> Any:
+    """An option that takes JSON (``webhook_config``, ``publishing_config``): the object or list
+    itself, inline JSON text, or the path of a JSON file. Mistakes are ConfigErrors naming ``option``."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if not text.startswith(("{", "[")):
+        return read_json(text, f"{option} file")
+    try:
+        return json.loads(_strip_trailing_commas(text))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{option} is not valid JSON ({exc.msg}); give a JSON object, list or file.") from None
+    except RecursionError:
+        raise ConfigError(f"{option} nests lists or objects too deeply to be read; flatten it.") from None

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from stune.errors import ConfigError, UserError
-from stune.jsonfile import read_json
+from stune.jsonfile import read_json_option
 
 if TYPE_CHECKING:
     from stune.plugins import PluginHost
@@ -127,18 +127,7 @@ def read_entries(value: Any) -> list[dict[str, Any]]:
     each a dict with a ``provider``. Shape mistakes are ConfigErrors naming the option."""
     if value is None or value == "" or value == []:
         return []
-    data = value
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith(("{", "[")):
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(
-                    f"{OPTION} is not valid JSON ({exc.msg}); give a JSON object, list or file."
-                ) from None
-        else:
-            data = read_json(text, f"{OPTION} file")
+    data = read_json_option(value, OPTION)
     entries = data if isinstance(data, list) else [data]
     for entry in entries:
         if not isinstance(entry, dict):

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from stune.errors import ConfigError
 from stune.hookspecs import hookimpl
+from stune.jsonfile import read_json_option
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -63,22 +64,7 @@ def parse_webhook_config(value: Any) -> list[Endpoint]:
     Every mistake is a ConfigError naming the option."""
     if value is None:
         return []
-    data = value
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith(("{", "[")):
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"webhook_config is not valid JSON ({exc.msg}); give a JSON object or file.") from exc
-        else:
-            path = Path(text)
-            if not path.is_file():
-                raise ConfigError(f"webhook_config file {path} does not exist; give its path or an inline object.")
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
-                raise ConfigError(f"webhook_config file {path} is not readable JSON ({exc}); fix it.") from exc
+    data = read_json_option(value, "webhook_config")
     entries = data if isinstance(data, list) else [data]
     endpoints = []
     for entry in entries:
