@@ -166,6 +166,8 @@ class ModelFamily(Generic[OptionsT]):
     config_defaults: ClassVar[dict[str, Any]] = {}
     #: module class names used in LyCORIS configs (SimpleTuner's ``Attention``) → this family's classes
     lycoris_module_aliases: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: the diffusers pipeline class (by name) whose LoRA loader writes and reads this family's LoRA files
+    lora_pipeline: ClassVar[str | None] = None
 
     def __init__(self, config: CoreOptions) -> None:
         self.config = config
@@ -365,12 +367,28 @@ class ModelFamily(Generic[OptionsT]):
         """Write a PEFT LoRA state dict (transformer keys without prefix) in diffusers format.
 
         ``metadata`` is the adapter's ``LoraConfig`` as a JSON-ready dict (rank, alpha, targets).
+        Default: the ``save_lora_weights`` of the diffusers pipeline named by ``lora_pipeline``, so
+        the file loads with that pipeline's ``load_lora_weights``.
         """
-        raise NotImplementedError
+        pipeline = self._lora_pipeline()
+        pipeline.save_lora_weights(
+            output_dir, transformer_lora_layers=state_dict, transformer_lora_adapter_metadata=metadata
+        )
+        return Path(output_dir) / "pytorch_lora_weights.safetensors"
 
     def load_lora(self, path: Path) -> dict[str, torch.Tensor]:
-        """Read back what :meth:`save_lora` wrote, as a PEFT state dict of the transformer."""
-        raise NotImplementedError
+        """Read back what :meth:`save_lora` wrote, as a PEFT state dict of the transformer
+        (default: ``lora_pipeline``'s ``lora_state_dict``, ``transformer.`` keys)."""
+        state_dict = self._lora_pipeline().lora_state_dict(str(path))
+        prefix = "transformer."
+        return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+    def _lora_pipeline(self) -> Any:
+        if self.lora_pipeline is None:
+            raise NotImplementedError(f"The {self.name} family sets no lora_pipeline and saves no LoRA of its own.")
+        import diffusers
+
+        return getattr(diffusers, self.lora_pipeline)
 
     def comfyui_lora_key(self, module: str) -> str:
         """The key of a transformer module in a ``lora_format: comfyui`` file (followed by

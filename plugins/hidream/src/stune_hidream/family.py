@@ -72,6 +72,7 @@ class HiDreamFamily(ModelFamily[HiDreamOptions]):
     alignment = 64
     maximum_canvas_pixels = 1024 * 1024  # max_seq 4096 image tokens of 2×2 latent patches
     latent_channels = 16
+    lora_pipeline = "HiDreamImagePipeline"  # its save_lora_weights / lora_state_dict read and write our LoRA files
     text_encoder_slots = (
         TextEncoderSlot("text_encoder", "CLIP-L"),
         TextEncoderSlot("text_encoder_2", "CLIP-G"),
@@ -450,21 +451,6 @@ class HiDreamFamily(ModelFamily[HiDreamOptions]):
         return prediction
 
     # -- outputs -----------------------------------------------------------------------------------------
-    def save_lora(self, output_dir: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
-        from diffusers import HiDreamImagePipeline
-
-        HiDreamImagePipeline.save_lora_weights(
-            output_dir, transformer_lora_layers=state_dict, transformer_lora_adapter_metadata=metadata
-        )
-        return output_dir / "pytorch_lora_weights.safetensors"
-
-    def load_lora(self, path: Path) -> dict[str, torch.Tensor]:
-        from diffusers import HiDreamImagePipeline
-
-        state_dict = HiDreamImagePipeline.lora_state_dict(str(path))
-        prefix = "transformer."
-        return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-
     def render_validation(
         self, components: Components, transformer: torch.nn.Module, requests: list[ValidationRequest]
     ) -> list[Image.Image]:

@@ -55,6 +55,7 @@ class SD3Family(ModelFamily[SD3Options]):
     }
     lora_preset_option = "sd3_lora_target"
     default_lora_preset = "attention"
+    lora_pipeline = "StableDiffusion3Pipeline"  # its save_lora_weights / lora_state_dict read and write our LoRA files
     text_encoder_slots = (
         TextEncoderSlot("text_encoder", "CLIP-L"),
         TextEncoderSlot("text_encoder_2", "CLIP-G"),
@@ -277,21 +278,6 @@ class SD3Family(ModelFamily[SD3Options]):
         return Prediction(velocity)
 
     # -- outputs -----------------------------------------------------------------------------------------
-    def save_lora(self, output_dir: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
-        from diffusers import StableDiffusion3Pipeline
-
-        StableDiffusion3Pipeline.save_lora_weights(
-            output_dir, transformer_lora_layers=state_dict, transformer_lora_adapter_metadata=metadata
-        )
-        return output_dir / "pytorch_lora_weights.safetensors"
-
-    def load_lora(self, path: Path) -> dict[str, torch.Tensor]:
-        from diffusers import StableDiffusion3Pipeline
-
-        state_dict = StableDiffusion3Pipeline.lora_state_dict(str(path))
-        prefix = "transformer."
-        return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-
     def render_validation(
         self, components: Components, transformer: torch.nn.Module, requests: list[ValidationRequest]
     ) -> list[Image.Image]:
