@@ -20,36 +20,14 @@ from stune.data.cache import CHECKSUM_KEY
 from stune.errors import ConfigError
 from stune.plugins import PluginHost
 from stune.session import prepare
-from stune.testing import make_images, write_run
 from stune.train import train
+
+from .test_resume import _run_folder as resume_run_folder
 
 
 def _run_folder(folder: Path, model: Path, **options: Any) -> Path:
-    make_images(folder / "data", 4, size=(64, 64))
-    config = {
-        "model_family": "flux",
-        "pretrained_model_name_or_path": str(model),
-        "output_dir": "output",
-        "max_train_steps": 4,
-        "train_batch_size": 2,
-        "learning_rate": "1e-3",
-        "lr_scheduler": "constant",
-        "mixed_precision": "no",
-        "gradient_checkpointing": "false",
-        "tokenizer_max_length": 16,
-        "resolution": 64,
-        "caption_strategy": "textfile",
-        "seed": 3,
-        "checkpoint_step_interval": 2,
-        "validation_step_interval": 0,
-        **options,
-    }
-    datasets = [
-        {"id": "pics", "instance_data_dir": "data", "cache_dir_vae": "cache/vae"},
-        {"id": "text", "dataset_type": "text_embeds", "default": True, "cache_dir": "cache/text"},
-    ]
-    write_run(folder, config, datasets)
-    return folder
+    """The resume tests' tiny FLUX run, shortened: 4 steps, a checkpoint every 2."""
+    return resume_run_folder(folder, model, **{"max_train_steps": 4, "checkpoint_step_interval": 2, **options})
 
 
 def _train(**overrides: Any) -> Any:

@@ -17,7 +17,7 @@ import pytest
 
 from stune.plugins import PluginHost
 from stune.session import prepare
-from stune.testing import offline_env, run_cli
+from stune.testing import headless_chromium, needs_chromium, offline_env, run_cli
 from stune.train import train
 
 from .conftest import TOY_PATH, load_toy
@@ -122,36 +122,9 @@ def test_a_stopped_run_has_a_report_too(tmp_path: Path, toy_model: Path) -> None
     assert "stopped at step" in text
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-DRIVER = shutil.which("chromedriver")
-
-
-@pytest.mark.skipif(
-    CHROMIUM is None or DRIVER is None,
-    reason="Debian's chromium and chromium-driver are not installed (make test does it)",
-)
+@needs_chromium
 def test_the_report_renders_in_a_browser(finished: Path, tmp_path: Path) -> None:
-    selenium = pytest.importorskip("selenium")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    del selenium
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--no-first-run",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        "--window-size=1280,1600",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(DRIVER)), options=options)
-    try:
+    with headless_chromium(tmp_path / "profile", (1280, 1600)) as driver:
         driver.get((finished / "report.html").as_uri())
         widths: Any = driver.execute_script(
             "return Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)"
@@ -159,8 +132,6 @@ def test_the_report_renders_in_a_browser(finished: Path, tmp_path: Path) -> None
         assert widths and all(w > 0 for w in widths), widths  # every image loaded
         shot = tmp_path / "report.png"
         driver.save_screenshot(str(shot))
-    finally:
-        driver.quit()
     from PIL import Image, ImageStat
 
     with Image.open(shot) as image:

@@ -6,11 +6,13 @@ imports neither torch nor any plugin, so loading it into every pytest session is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +133,44 @@ def step_inputs(noisy_latents: Any, sigmas: Any, embeds: dict[str, Any], **field
         **fields,
     }
     return StepInputs(noisy_latents=noisy_latents, sigmas=sigmas, embeds=embeds, **values)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+#: Browser tests run in Debian's chromium through selenium; `make test` installs both where it can.
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="Debian's chromium and chromium-driver are not installed (make test does it)",
+)
+
+
+@contextlib.contextmanager
+def headless_chromium(profile: Path, size: tuple[int, int] = (1280, 900)) -> Iterator[Any]:
+    """A selenium driver of a headless chromium with a fresh profile folder, quit on exit."""
+    pytest.importorskip("selenium")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        f"--window-size={size[0]},{size[1]}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.implicitly_wait(0)
+    try:
+        yield driver
+    finally:
+        driver.quit()
 
 
 @pytest.fixture
