@@ -443,9 +443,6 @@ def _check(option: str, tmp_path: Path, toy_model: Path, caplog: pytest.LogCaptu
             return False
 
         assert not recompiles(True) and recompiles(False)  # dynamic shapes compile once for every batch size
-    elif option == "dynamo_use_regional_compilation":
-        with pytest.raises(ConfigError, match="dynamo_use_regional_compilation needs the family to declare"):
-            _dynamo(_Double(), dynamo_use_regional_compilation=True)
     elif option in ("fsdp_reshard_after_forward", "fsdp_limit_all_gathers"):
         from stune.sharding import accelerate_plugins
 
@@ -457,7 +454,7 @@ def _check(option: str, tmp_path: Path, toy_model: Path, caplog: pytest.LogCaptu
             assert plugin(True).limit_all_gathers and not plugin(False).limit_all_gathers
         else:
             assert plugin(True).reshard_after_forward != plugin(False).reshard_after_forward
-    elif option in ("fsdp_cpu_offload", "optimizer_cpu_offload_method", "optimizer_offload_gradients", "revision"):
+    elif option in ("optimizer_cpu_offload_method", "optimizer_offload_gradients", "revision"):
         toy = load_toy()
         host = PluginHost.build(plugins=[toy], entry_points=False)
         base = {"model_family": "toy", "pretrained_model_name_or_path": str(toy_model), "output_dir": str(tmp_path)}
@@ -468,7 +465,6 @@ def _check(option: str, tmp_path: Path, toy_model: Path, caplog: pytest.LogCaptu
             assert a.latent_cache_identity() != b.latent_cache_identity()
             return
         values = {
-            "fsdp_cpu_offload": ({"fsdp_enable": True, "fsdp_version": 2, "fsdp_cpu_offload": True}, "moves shards"),
             "optimizer_cpu_offload_method": ({"optimizer_cpu_offload_method": "torchao"}, "no CUDA GPU"),
             "optimizer_offload_gradients": (
                 {"optimizer": "torch-adamw", "optimizer_cpu_offload_method": "torchao", "optimizer_offload_gradients": True,
@@ -477,7 +473,7 @@ def _check(option: str, tmp_path: Path, toy_model: Path, caplog: pytest.LogCaptu
             ),
         }[option]  # fmt: skip
         if torch.cuda.is_available() != (option == "optimizer_offload_gradients"):
-            # torchao's offload and FSDP's CPU offload are refused without CUDA; the gradient offload is
+            # torchao's offload is refused without CUDA; the gradient offload is
             # checked only once the optimizer offload itself can run, on a CUDA machine.
             pytest.skip(
                 "this check needs a CUDA machine" if option == "optimizer_offload_gradients" else "CPU-only check"

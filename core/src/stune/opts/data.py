@@ -30,7 +30,9 @@ class DataOptions(Options):
     )
     cache_dir: str = Field("cache", description="Root folder of the latent and text-embedding caches.")
     cache_dir_vae: str | None = Field(
-        None, description="VAE latent cache folder; default <cache_dir>/vae/<dataset id>."
+        None,
+        description="Root of the VAE latent caches: each dataset's goes to <cache_dir_vae>/<dataset id> (a "
+        "dataset's own cache_dir_vae is used as it is); default <cache_dir>/vae.",
     )
     cache_dir_text: str | None = Field(None, description="Text-embedding cache folder; default <cache_dir>/text.")
     minimum_image_size: float | None = Field(
