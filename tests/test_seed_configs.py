@@ -14,6 +14,7 @@ from stune.errors import PluginNotInstalled
 from stune.jsonfile import _strip_trailing_commas
 from stune.options import option_names
 from stune.plugins import PluginHost
+from stune.simpletuner import OPTION_ROWS
 from stune.testing import make_images, run_cli
 
 SHARED_SEEDS = Path(__file__).resolve().parents[2] / "shared" / "seeds"
@@ -52,8 +53,9 @@ def test_seed_config_copies_match_the_seeds() -> None:
 
 
 def test_every_seed_key_is_known_or_owned_by_a_named_plugin() -> None:
-    """A seed key is an option of the installed plugins, or belongs to a first-party plugin that is
-    not installed, and then the configuration check names that plugin's package."""
+    """A seed key is an option of the installed plugins, a SimpleTuner option stune takes in another
+    form (docs/simpletuner-compat.md), or belongs to a first-party plugin that is not installed, and
+    then the configuration check names that plugin's package."""
     host = PluginHost.build()
     model = host.config_model()
     known = option_names(model)
@@ -63,6 +65,9 @@ def test_every_seed_key_is_known_or_owned_by_a_named_plugin() -> None:
         for key, value in data.items():
             key = key.lstrip("-")
             if key in known:
+                continue
+            if key in OPTION_ROWS:  # a SimpleTuner option stune takes in another form: the seed's value passes
+                validate_config({key: value}, model, host)
                 continue
             owner = host.catalog_owner_of_option(key)
             assert owner is not None, f"{source}: `{key}` is neither an option nor owned by a first-party plugin"

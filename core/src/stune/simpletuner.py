@@ -202,6 +202,13 @@ OPTION_ROWS: dict[str, Row] = {
     "enable_multiprocessing": differently(
         "stune picks threads or processes for the dataset scan and cache writes itself; the value is ignored."
     ),
+    "validation_guidance_rescale": differently(
+        "validation images are rendered by diffusers' flow-matching transformer pipelines, which have no CFG "
+        "rescale; 0 (off, SimpleTuner's default and the seeds' value) is accepted",
+        only=(0, None),
+        refusal="the flow-matching pipelines stune validates with have no CFG rescale (guidance_rescale); remove the "
+        "key or set it to 0",
+    ),
     "flow_timesteps_mode": differently(
         "stune draws each sample's σ from flow_custom_timesteps at random, SimpleTuner's `fixed-list` mode.",
         stune="flow_custom_timesteps",
@@ -1350,7 +1357,6 @@ OPTION_TESTS: dict[str, str] = {
     "validation_epoch_interval": "tests/test_simpletuner_options.py::test_validation_epoch_interval*",
     "validation_guidance": "tests/test_option_effects.py::test_validation_guidance_is_the_guidance_flux_renders_with",
     "validation_guidance_real": "plugins/flux/tests/test_flux_validation.py::test_true_cfg",
-    "validation_guidance_rescale": "plugins/flux/tests/test_flux_validation_extras.py::test_flux_refuses_cfg_rescale",
     "validation_guidance_skip_layers": "plugins/sd3/tests/test_sd3_family.py::test_skip_layer_guidance_runs_on_the_steps_inside_the_window_only",
     "validation_guidance_skip_layers_start": "plugins/sd3/tests/test_sd3_family.py::test_skip_layer_guidance_runs_on_the_steps_inside_the_window_only",
     "validation_guidance_skip_layers_stop": "plugins/sd3/tests/test_sd3_family.py::test_skip_layer_guidance_runs_on_the_steps_inside_the_window_only",

@@ -58,8 +58,6 @@ def test_t5_token_limit(family: Any, caplog: Any) -> None:
 
 
 def test_refusals(family: Any) -> None:
-    with pytest.raises(ConfigError, match="validation_guidance_rescale has no effect on HiDream"):
-        family(validation_guidance_rescale=0.7).check_config()
     with pytest.raises(ConfigError, match="hidream_load_balancing_loss_weight 0"):
         family(hidream_use_load_balancing_loss=True, hidream_load_balancing_loss_weight=0).check_config()
 

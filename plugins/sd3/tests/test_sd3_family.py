@@ -73,7 +73,6 @@ def test_t5_token_length_default_limit_and_unlock(caplog: pytest.LogCaptureFixtu
     "options,message",
     [
         ({"pretrained_vae_model_name_or_path": "madebyollin/sdxl-vae"}, "remove pretrained_vae_model_name_or_path"),
-        ({"validation_guidance_rescale": 0.7}, "validation_guidance_rescale has no effect on SD3"),
         (
             {"validation_guidance_skip_layers": "[7, 8, 9]", "validation_guidance": 1.0},
             "raise validation_guidance above 1 or remove validation_guidance_skip_layers",

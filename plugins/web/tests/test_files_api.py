@@ -118,9 +118,15 @@ def test_a_simpletuner_config_keeps_every_key_spelling_and_value_but_the_changed
     assert got["written"] == written
     assert got["values"]["learning_rate"] == "4e-5" and got["values"]["model_family"] == "hidream"
     quant = {"base_model_precision", "text_encoder_3_precision", "text_encoder_4_precision"}
-    assert {k.lstrip("-") for k in got["unknown"]} == {*quant, "some_future_simpletuner_key"}
+    rescale = next(k for k in written if k.lstrip("-") == "validation_guidance_rescale")
+    assert {k.lstrip("-") for k in got["unknown"]} == {
+        *quant,
+        "some_future_simpletuner_key",
+        "validation_guidance_rescale",
+    }
     assert all("stune-quant" in why for k, why in got["unknown"].items() if k.lstrip("-") in quant)
     assert "Unknown option" in got["unknown"]["some_future_simpletuner_key"]
+    assert got["unknown"][rescale].startswith("SimpleTuner option, differently in stune: validation images are ")
 
     # Saving nothing leaves the file byte for byte as it was.
     assert api.put("/api/config", json={"set": {}, "unset": []}).status_code == 200

@@ -235,9 +235,6 @@ class ValidationOptions(Options):
         None, description="Seed of validation images (default: seed, else 0); image i of a prompt uses seed + i."
     )
     num_validation_images: int = Field(1, ge=1, description="Images per prompt and resolution at each validation.")
-    validation_guidance_rescale: float = Field(
-        0.0, ge=0, le=1, description="CFG rescale (pipelines that support it); 0 disables."
-    )
     validation_torch_compile: bool = Field(
         False, description="torch.compile the transformer for validation (compiled once, reused every time)."
     )

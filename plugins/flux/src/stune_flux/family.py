@@ -92,10 +92,6 @@ class FluxFamily(ModelFamily[FluxOptions]):
 
     def check_config(self) -> None:
         super().check_config()
-        if self.config.validation_guidance_rescale:
-            raise ConfigError(
-                "validation_guidance_rescale has no effect on FLUX (its pipeline has no CFG rescale); set it to 0."
-            )
         opts = self.options
         if opts.flux_lora_init is not None and opts.flux_lora_init != self.config.lora_init_type:
             raise ConfigError(

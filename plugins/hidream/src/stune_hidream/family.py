@@ -136,10 +136,6 @@ class HiDreamFamily(ModelFamily[HiDreamOptions]):
             log.warning(
                 "tokenizer_max_length %d is beyond HiDream's %d tokens", cfg.tokenizer_max_length, MAX_T5_TOKENS
             )
-        if cfg.validation_guidance_rescale:
-            raise ConfigError(
-                "validation_guidance_rescale has no effect on HiDream (its pipeline has no CFG rescale); set it to 0."
-            )
         # The precision options belong to the quantization plugin; read them by name.
         base_precision = getattr(cfg, "base_model_precision", None)
         llama_precision = getattr(cfg, "text_encoder_4_precision", None)

@@ -106,10 +106,6 @@ class SD3Family(ModelFamily[SD3Options]):
                 "SD3 trains with the VAE of its own pipeline (its latent space is what the transformer knows); "
                 "remove pretrained_vae_model_name_or_path."
             )
-        if cfg.validation_guidance_rescale:
-            raise ConfigError(
-                "validation_guidance_rescale has no effect on SD3 (its pipeline has no CFG rescale); set it to 0."
-            )
         if opts.validation_guidance_skip_layers and cfg.validation_guidance <= 1.0 and not cfg.validation_disable:
             raise ConfigError(
                 "validation_guidance_skip_layers works on top of classifier-free guidance, which is off at "

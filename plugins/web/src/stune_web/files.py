@@ -152,10 +152,15 @@ class ProjectFiles:
         return {"message": str(exc), "key": self.canonical(named.group(1)) if named else None}
 
     def _complaint(self, key: str, value: Any) -> str:
+        from stune.simpletuner import OPTION_ROWS
+
         try:
             validate_config({key: value}, self.model, self.host)
         except UserError as exc:
             return str(exc)
+        row = OPTION_ROWS.get(key)
+        if row is not None:  # a SimpleTuner option stune takes in another form, at a value it accepts
+            return f"SimpleTuner option, {row.status} in stune: {row.reason.rstrip('.')}."
         return "st-train does not read this key."
 
     def setting(self, name: str) -> Any:
