@@ -202,6 +202,12 @@ OPTION_ROWS: dict[str, Row] = {
     "enable_multiprocessing": differently(
         "stune picks threads or processes for the dataset scan and cache writes itself; the value is ignored."
     ),
+    "quantize_activations": differently(
+        "the quantized base keeps its activations in the training dtype; false (SimpleTuner's default) is accepted",
+        only=(False, None),
+        refusal="optimum-quanto has no gradient through quantized activations (its dequantize has no derivative), "
+        "so a LoRA on the base would not learn; set it to false",
+    ),
     "validation_guidance_rescale": differently(
         "validation images are rendered by diffusers' flow-matching transformer pipelines, which have no CFG "
         "rescale; 0 (off, SimpleTuner's default and the seeds' value) is accepted",
@@ -1307,7 +1313,6 @@ OPTION_TESTS: dict[str, str] = {
     "push_checkpoints_to_hub": "tests/test_option_effects.py::test_push_checkpoints_to_hub_decides_whether_checkpoints_go_up",
     "push_to_hub": "core/tests/test_publish.py::test_push_offline_fails_with_one_sentence_and_keeps_files",
     "quantization_config": "plugins/quant/tests/test_adapters_and_resume.py::test_quantization_config_quantizes_while_loading",
-    "quantize_activations": "tests/test_simpletuner_compat.py::test_option_acts[quantize_activations]",
     "quantize_via": "plugins/quant/tests/test_adapters_and_resume.py::test_quantize_via_pipeline_loads_int8_torchao_through_diffusers",
     "report_to": "core/tests/test_tracking.py::test_logging_dir_and_default_run_name",
     "resolution": "plugins/flux/tests/test_flux.py::test_second_run_encodes_nothing_and_resolution_change_reencodes",

@@ -13,11 +13,6 @@ _DTYPE_ONLY = ("bf16", "fp16", "fp32")
 
 
 def check_quant_options(config: Any) -> None:
-    if getattr(config, "quantize_activations", False):
-        raise ConfigError(
-            "quantize_activations=true cannot train: optimum-quanto 0.2.7 has no gradient through quantized "
-            "activations (its dequantize has no derivative), so a LoRA on the base would not learn; set it to false."
-        )
     if getattr(config, "quantization_config", None) is None:
         return
     if config.model_type == "full":

@@ -35,11 +35,6 @@ class QuantOptions(Options):
         "(block by block in host memory; use it on cards of 16 GB or less) or `pipeline` (while loading, through "
         "diffusers' quantization config where the backend has one: torchao, nf4-bnb).",
     )
-    quantize_activations: bool = Field(
-        False,
-        description="Also quantize activations (quanto); refused: optimum-quanto 0.2.7 has no gradient through "
-        "quantized activations, so a LoRA on the base could not train.",
-    )
     quantization_config: dict[str, Any] | str | None = Field(
         None,
         description="A diffusers quantization config for the transformer (a JSON object, or the path of a JSON "
