@@ -14,11 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stune import train as phases
 from stune.plugins import PluginHost
 from stune.run import Run
-from stune.session import prepare
-from stune.testing import make_images, write_run
+from stune.testing import make_images, train_by_phases, write_run
 
 LORA = "pytorch_lora_weights.safetensors"
 
@@ -53,21 +51,7 @@ def run_folder(folder: Path, model: Path, **options: Any) -> Path:
 
 def train_in(folder: Path, model: Path, after_build: Callable[[Run], None] | None = None, **options: Any) -> Run:
     """Train in this process, phase by phase, and hand back the run (its placement, residency, model)."""
-    run_folder(folder, model, **options)
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        run = phases.setup(prepare(host=PluginHost.build(["flux"])))
-        phases.load_data(run)
-        phases.build_model(run)
-        if after_build is not None:
-            after_build(run)
-        phases.resume(run)
-        phases.loop(run)
-        phases.export(run)
-    finally:
-        os.chdir(cwd)
-    return run
+    return train_by_phases(run_folder(folder, model, **options), PluginHost.build(["flux"]), after_build)
 
 
 def assert_same_lora(a: Path, b: Path) -> None:

@@ -17,6 +17,7 @@ from stune.config import CoreOptions
 from stune.errors import ConfigError, UserError
 from stune.plugins import PluginHost
 from stune.session import prepare
+from stune.testing import train_by_phases
 
 from .conftest import load_toy
 
@@ -220,22 +221,10 @@ def test_lora_dropout_drops_the_adapter_path_while_training(toy_model: Path) -> 
 
 
 def _train(folder: Path, toy_model: Path, after_build: Any = None, **options: Any) -> Any:
-    from stune import train as phases
-
     from .test_toy_family import toy_run
 
-    run_dir = toy_run(folder, toy_model, **options)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(run_dir)
-        run = phases.setup(prepare(host=PluginHost.build(plugins=[load_toy()], entry_points=False)))
-        phases.load_data(run)
-        phases.build_model(run)
-        if after_build is not None:
-            after_build(run)
-        phases.resume(run)
-        phases.loop(run)
-        phases.export(run)
-    return run
+    host = PluginHost.build(plugins=[load_toy()], entry_points=False)
+    return train_by_phases(toy_run(folder, toy_model, **options), host, after_build)
 
 
 def test_grad_clip_method_and_max_grad_norm_clip_what_the_optimizer_steps_with(tmp_path: Path, toy_model: Path) -> None:
@@ -440,42 +429,6 @@ def test_model_family_chooses_the_family_that_trains(tmp_path: Path, toy_model: 
     base = {"pretrained_model_name_or_path": str(toy_model), "output_dir": str(tmp_path)}
     assert type(prepare(host=host, overrides={**base, "model_family": "toy"}).family) is toy.ToyFamily
     assert type(prepare(host=host, overrides={**base, "model_family": "toy-other"}).family) is Other
-
-
-def test_validation_guidance_is_the_guidance_flux_renders_with(tiny_flux_dir: Path) -> None:
-    """FLUX dev takes validation_guidance as its distilled guidance input (the transformer's
-    ``guidance`` argument); another value gives another image from the same seed."""
-    pytest.importorskip("stune_flux")
-    from stune.family import LoadRequest, ValidationRequest
-
-    host = PluginHost.build(["flux"])
-    config = host.config_model().model_validate(
-        {
-            "model_family": "flux",
-            "pretrained_model_name_or_path": str(tiny_flux_dir),
-            "tokenizer_max_length": 16,
-            "mixed_precision": "no",
-            "validation_num_inference_steps": 2,
-        }
-    )
-    family = host.family_class("flux")(config)
-    family.apply_defaults()
-    components = family.load(LoadRequest(torch.device("cpu"), torch.float32))
-    positive, negative = family.encode_prompts(components, ["a red circle", "blurry"])
-    request = ValidationRequest("x", "a red circle", positive, negative, 64, 64, seed=3)
-    seen: list[float] = []
-    components.transformer.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.extend(kwargs["guidance"].tolist()), with_kwargs=True
-    )
-    images = {}
-    for guidance in (1.0, 4.0):
-        config.validation_guidance = guidance
-        seen.clear()
-        with torch.no_grad():
-            [image] = family.render_validation(components, components.transformer, [request])
-        images[guidance] = np.asarray(image, dtype=np.int16)
-        assert seen == [guidance, guidance]  # both sampling steps
-    assert not np.array_equal(images[1.0], images[4.0])
 
 
 # -- dataset keys read by the batch plan --------------------------------------------------------------------

@@ -1360,7 +1360,7 @@ OPTION_TESTS: dict[str, str] = {
     "vae_enable_tiling": "tests/test_memory.py::test_speed_and_placement_options_in_one_run",
     "validation_disable": "plugins/flux/tests/test_flux_validation.py::test_disable_benchmark_and_validation_disable",
     "validation_epoch_interval": "tests/test_simpletuner_options.py::test_validation_epoch_interval*",
-    "validation_guidance": "tests/test_option_effects.py::test_validation_guidance_is_the_guidance_flux_renders_with",
+    "validation_guidance": "plugins/flux/tests/test_flux_validation.py::test_validation_guidance_is_the_guidance_flux_renders_with",
     "validation_guidance_real": "plugins/flux/tests/test_flux_validation.py::test_true_cfg",
     "validation_guidance_skip_layers": "plugins/sd3/tests/test_sd3_family.py::test_skip_layer_guidance_runs_on_the_steps_inside_the_window_only",
     "validation_guidance_skip_layers_start": "plugins/sd3/tests/test_sd3_family.py::test_skip_layer_guidance_runs_on_the_steps_inside_the_window_only",

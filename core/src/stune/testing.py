@@ -135,6 +135,28 @@ def step_inputs(noisy_latents: Any, sigmas: Any, embeds: dict[str, Any], **field
     return StepInputs(noisy_latents=noisy_latents, sigmas=sigmas, embeds=embeds, **values)
 
 
+def train_by_phases(folder: Path, host: Any, after_build: Callable[[Any], None] | None = None) -> Any:
+    """Train the run of ``folder`` (its config/config.json) in this process, phase by phase as
+    ``stune.train.train`` does, calling ``after_build(run)`` once the model is built; return the run."""
+    from stune.resume import resume
+    from stune.run import setup
+    from stune.session import prepare
+    from stune.train import build_model, continue_init_lora, export, load_data, loop
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        run = setup(prepare(host=host))
+        load_data(run)
+        build_model(run)
+        if after_build is not None:
+            after_build(run)
+        continue_init_lora(run)
+        resume(run)
+        loop(run)
+        export(run)
+    return run
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 #: Browser tests run in Debian's chromium through selenium; `make test` installs both where it can.

@@ -229,22 +229,46 @@ def test_disable_benchmark_and_validation_disable(tmp_path: Path, tiny_flux_dir:
     assert off.validation_images == [] and not (run / "off" / "validation_images").exists()
 
 
-def test_true_cfg(tiny_flux_dir: Path) -> None:
+def _validation_setup(model: Path, steps: int) -> tuple[Any, Any, Any, ValidationRequest]:
+    """The tiny FLUX family loaded in this process, and one validation request (a red circle, seed 3)."""
     host = PluginHost.build(["flux"])
     config = host.config_model().model_validate(
         {
             "model_family": "flux",
-            "pretrained_model_name_or_path": str(tiny_flux_dir),
+            "pretrained_model_name_or_path": str(model),
             "tokenizer_max_length": 16,
             "mixed_precision": "no",
-            "validation_num_inference_steps": 3,
+            "validation_num_inference_steps": steps,
         }
     )
     family = host.family_class("flux")(config)
     family.apply_defaults()
     components = family.load(LoadRequest(torch.device("cpu"), torch.float32))
     positive, negative = family.encode_prompts(components, ["a red circle", "blurry, cropped, ugly"])
-    request = ValidationRequest("x", "a red circle", positive, negative, 64, 64, seed=3)
+    return config, family, components, ValidationRequest("x", "a red circle", positive, negative, 64, 64, seed=3)
+
+
+def test_validation_guidance_is_the_guidance_flux_renders_with(tiny_flux_dir: Path) -> None:
+    """FLUX dev takes validation_guidance as its distilled guidance input (the transformer's
+    ``guidance`` argument); another value gives another image from the same seed."""
+    config, family, components, request = _validation_setup(tiny_flux_dir, steps=2)
+    seen: list[float] = []
+    components.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.extend(kwargs["guidance"].tolist()), with_kwargs=True
+    )
+    images = {}
+    for guidance in (1.0, 4.0):
+        config.validation_guidance = guidance
+        seen.clear()
+        with torch.no_grad():
+            [image] = family.render_validation(components, components.transformer, [request])
+        images[guidance] = np.asarray(image, dtype=np.int16)
+        assert seen == [guidance, guidance]  # both sampling steps
+    assert not np.array_equal(images[1.0], images[4.0])
+
+
+def test_true_cfg(tiny_flux_dir: Path) -> None:
+    config, family, components, request = _validation_setup(tiny_flux_dir, steps=3)
     transformer = components.transformer
 
     def render(guidance_real: float, no_cfg_until: int) -> np.ndarray:
