@@ -162,25 +162,37 @@ class _DropboxHandler(_Handler):
         if route == "/2/sharing/create_shared_link_with_settings":
             path = json.loads(data)["path"]
             url = f"https://www.dropbox.test/scl/fo/{hashlib.sha1(path.encode()).hexdigest()[:12]}"
-            link = {
-                ".tag": "folder",
-                "url": url,
-                "name": path.rsplit("/", 1)[-1],
-                "path_lower": path.lower(),
-                "link_permissions": {
-                    "can_revoke": True,
-                    "visibility_policies": [],
-                    "can_set_expiry": False,
-                    "can_remove_expiry": False,
-                    "allow_download": True,
-                    "can_allow_download": True,
-                    "can_disallow_download": False,
-                    "allow_comments": False,
-                    "team_restricts_comments": False,
-                },
-            }
+            link = self._link(path, url)
+            if path in owner.links:  # Dropbox answers a second request for a path with the existing link
+                error = {
+                    ".tag": "shared_link_already_exists",
+                    "shared_link_already_exists": {".tag": "metadata", "metadata": link},
+                }
+                body = {"error_summary": "shared_link_already_exists/metadata/..", "error": error}
+                return self.reply(409, json.dumps(body).encode(), {"Content-Type": "application/json"})
+            owner.links[path] = url
             return self._json(link)
         return self.reply(404)
+
+    @staticmethod
+    def _link(path: str, url: str) -> dict[str, Any]:
+        return {
+            ".tag": "folder",
+            "url": url,
+            "name": path.rsplit("/", 1)[-1],
+            "path_lower": path.lower(),
+            "link_permissions": {
+                "can_revoke": True,
+                "visibility_policies": [],
+                "can_set_expiry": False,
+                "can_remove_expiry": False,
+                "allow_download": True,
+                "can_allow_download": True,
+                "can_disallow_download": False,
+                "allow_comments": False,
+                "team_restricts_comments": False,
+            },
+        }
 
     def _json(self, value: Any) -> None:
         self.reply(200, json.dumps(value).encode(), {"Content-Type": "application/json"})
@@ -210,6 +222,7 @@ class DropboxServer(_Server):
         self.files: dict[str, bytes] = {}
         self.sessions: dict[str, bytearray] = {}
         self.chunked: list[str] = []
+        self.links: dict[str, str] = {}
         self.certificate = folder / "dropbox-test-cert.pem"
         key = folder / "dropbox-test-key.pem"
         _self_signed(self.certificate, key)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from stune.errors import ConfigError
 from stune.plugins import PluginHost
 from stune.publish import files_to_upload
 from stune.publishing import REDACTED, build_publishers, read_entries, shareable_values
-from stune.testing import make_images, run_cli, write_run
+from stune.testing import make_images, offline_env, run_cli, write_run
 
 sys.path.insert(0, str(Path(__file__).parent))
 from servers import AzureBlobServer, DropboxServer
@@ -237,6 +238,34 @@ def test_a_failed_upload_keeps_the_files_and_says_so_in_one_sentence(
     assert (tmp_path / "tiny-lora" / LORA).is_file()
     # the other provider still received the run
     assert f"tiny-lora/{LORA}" in services["azure"].containers["after"]
+
+
+def test_publishing_again_overwrites_and_finds_the_existing_dropbox_link(
+    tmp_path: Path, services: dict[str, Any]
+) -> None:
+    """A second upload of the same run (a rerun of the same output_dir) replaces the files, and the
+    URI is the folder's existing shared link, which Dropbox returns in its error for a second link."""
+    out = tmp_path / "again"
+    (out / "sub").mkdir(parents=True)
+    (out / "sub" / "a.txt").write_text("first")
+    script = (
+        "import json, sys; from pathlib import Path; from stune.plugins import PluginHost;"
+        "from stune.publishing import build_publishers, publish_outputs;"
+        "entry = {'provider': 'dropbox', 'token': sys.argv[2], 'base_path': 'runs'};"
+        "done = publish_outputs(build_publishers(entry, PluginHost.build()), Path(sys.argv[1]));"
+        "print(json.dumps([uri for _, uri in done]))"
+    )
+    env = {**offline_env(services["dropbox"].environment()), "TQDM_DISABLE": "1"}
+    uris = []
+    for text in ("first", "second"):
+        (out / "sub" / "a.txt").write_text(text)
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(out), DROPBOX_TOKEN], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        uris += json.loads(done.stdout.strip().splitlines()[-1])
+        assert services["dropbox"].files["/runs/again/sub/a.txt"] == text.encode()
+    assert uris[0] == uris[1] and uris[0].startswith("https://www.dropbox.test/scl/fo/")
 
 
 def test_st_train_check_stops_on_a_bad_entry(tmp_path: Path, tiny_flux_dir: Path, services: dict[str, Any]) -> None:
