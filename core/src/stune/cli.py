@@ -194,6 +194,14 @@ def cmd_check(argv: Sequence[str]) -> int:
         quick=args.quick,
         show=lambda report: print(json.dumps(report.as_dict(), indent=2) if args.json else report.as_text()),
     )
+    if session.config.publishing_config and not args.json:
+        from pathlib import Path
+
+        from stune.publishing import build_publishers, remote_folder
+
+        for publisher in build_publishers(session.config.publishing_config, session.host):
+            folder = remote_folder(Path(session.config.output_dir), publisher.settings)
+            print(f"after training, publishes to {publisher.describe()}: {folder}/")
     return 0
 
 

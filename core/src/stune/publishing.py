@@ -220,11 +220,16 @@ def _first_error(exc: ValidationError) -> str:
 # -- uploading ------------------------------------------------------------------------------------
 
 
+def remote_folder(output_dir: Path, settings: PublisherSettings) -> str:
+    """Where the run goes inside the destination: ``<base_path>/<output_dir's name>``."""
+    return str(PurePosixPath(settings.base_path or ".", Path(output_dir).resolve().name)).removeprefix("./")
+
+
 def files_to_publish(output_dir: Path, settings: PublisherSettings) -> tuple[str, list[UploadFile]]:
     """The remote folder and the files of ``output_dir`` to send (the Hub upload's selection)."""
     from stune.publish import files_to_upload
 
-    folder = str(PurePosixPath(settings.base_path or ".", output_dir.resolve().name)).removeprefix("./")
+    folder = remote_folder(output_dir, settings)
     files = []
     for relative in files_to_upload(output_dir, settings.include_checkpoints):
         local = output_dir / relative

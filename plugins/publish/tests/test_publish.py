@@ -284,3 +284,10 @@ def test_st_train_check_stops_on_a_bad_entry(tmp_path: Path, tiny_flux_dir: Path
         "st-train: error: publishing_config provider `s3`: access_key and secret_key go together; give both, or neither "
         "to use boto3's credentials."
     )
+    good = [{"provider": "s3", "bucket": "models", "base_path": "runs"}, {"provider": "dropbox", "token": "t"}]
+    done = run_cli(["check", "--plugin", "flux", "--quick", f"--publishing_config={json.dumps(good)}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-2:] == [
+        "after training, publishes to s3 bucket models: runs/out/",
+        "after training, publishes to dropbox: out/",
+    ]
