@@ -597,21 +597,28 @@ def test_user_errors_name_the_option_for_a_bad_value_of_an_accepted_key() -> Non
         validate_config({"validation_lycoris_strength": 0.5}, host.config_model(), host)
 
 
+def _recorder(tmp_path: Path, name: str) -> tuple[Path, str]:
+    """A folder ``seen`` and a script command that writes its {local_checkpoint_path} into ``seen/<name>``
+    (``name`` may hold placeholders such as {global_step})."""
+    import shlex
+    import sys
+
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    script = "import pathlib, sys; pathlib.Path(sys.argv[1]).write_text(sys.argv[2])"
+    return seen, shlex.join([sys.executable, "-c", script, f"{seen}/{name}", "{local_checkpoint_path}"])
+
+
 def test_post_checkpoint_script_and_validate_after_step_in_a_toy_run(
     tmp_path: Path, toy_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import shlex
-    import sys
 
     from stune.train import train
 
     from .test_toy_family import toy_run
 
     toy = load_toy()
-    seen = tmp_path / "seen"
-    seen.mkdir()
-    script = "import pathlib, sys; pathlib.Path(sys.argv[1]).write_text(sys.argv[2])"
-    command = shlex.join([sys.executable, "-c", script, f"{seen}/step-{{global_step}}", "{local_checkpoint_path}"])
+    seen, command = _recorder(tmp_path, "step-{global_step}")
     run_dir = toy_run(
         tmp_path / "run", toy_model, max_train_steps=3, validation_step_interval=1, validate_after_step=2,
         post_checkpoint_script=command,
@@ -693,18 +700,13 @@ def test_masked_loss_probability() -> None:
 def test_validation_external_script_in_a_toy_run(
     tmp_path: Path, toy_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import shlex
-    import sys
 
     from stune.train import train
 
     from .test_toy_family import toy_run
 
     toy = load_toy()
-    seen = tmp_path / "seen"
-    seen.mkdir()
-    script = "import pathlib, sys; pathlib.Path(sys.argv[1]).write_text(sys.argv[2])"
-    command = shlex.join([sys.executable, "-c", script, f"{seen}/v-{{global_step}}", "{local_checkpoint_path}"])
+    seen, command = _recorder(tmp_path, "v-{global_step}")
     run_dir = toy_run(
         tmp_path / "run", toy_model, max_train_steps=2, validation_step_interval=1,
         validation_method="external-script", validation_external_script=command,

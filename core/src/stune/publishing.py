@@ -174,7 +174,7 @@ def build_publishers(value: Any, host: PluginHost) -> list[Publisher]:
                 )
             known = ", ".join(sorted(host.publishers)) or "none installed"
             raise ConfigError(f"{OPTION} provider `{name}` is unknown; installed providers: {known}.")
-        entry = {key: _from_environment(value, name, key) for key, value in entry.items()}
+        entry = {key: _from_environment(given, name, key) for key, given in entry.items()}
         try:
             settings = cls.Settings.model_validate({**entry, "provider": cls.name})
         except ValidationError as exc:
