@@ -327,33 +327,6 @@ def test_checkpoints_total_limit_keeps_the_newest(seeded_runs: dict[str, Any]) -
 # -- publishing ---------------------------------------------------------------------------------------------
 
 
-def test_push_checkpoints_to_hub_decides_whether_checkpoints_go_up(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The Hub is unreachable here: the failed upload's one sentence gives the command that uploads
-    what stune would have (huggingface_hub's ignore patterns), with or without the checkpoints."""
-    import huggingface_hub.constants
-
-    from stune.publish import push
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    commands = {}
-    for include in (False, True):
-        config = CoreOptions.model_validate(
-            {
-                "model_family": "toy",
-                "output_dir": str(tmp_path),
-                "push_to_hub": True,
-                "hub_model_id": "me/lora",
-                "push_checkpoints_to_hub": include,
-            }
-        )
-        with pytest.raises(UserError) as error:
-            push(config, tmp_path)
-        commands[include] = str(error.value).rsplit("`hf upload", 1)[1]
-    assert commands == {False: f" me/lora {tmp_path} --exclude 'checkpoint-*'`.", True: f" me/lora {tmp_path}`."}
-
-
 def test_model_card_private_creates_a_private_or_public_repository(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -66,7 +66,8 @@ def _setup_logging() -> None:
     # Under torchrun / accelerate launch only the first process reports progress; the others warn.
     level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "filelock", "PIL"):
+    # httpx2: the HTTP client huggingface_hub 2 logs every request with; botocore and azure: stune-publish
+    for noisy in ("httpx", "httpx2", "urllib3", "filelock", "PIL", "botocore", "azure"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -4,37 +4,43 @@ At the end of a run :func:`finish_run` writes the card (always), hands ``output_
 ``publishing_config`` providers (:mod:`stune.publishing`) and, with ``push_to_hub``, creates
 the ``hub_model_id`` repository and uploads ``output_dir`` to it with ``huggingface_hub``:
 the adapter, its config, the card, validation images, ``metrics.jsonl`` and TensorBoard logs;
-``checkpoint-*`` folders only with ``push_checkpoints_to_hub``; never wandb's run folder (it
-holds machine details) nor temporary files.
+never ``checkpoint-*`` folders (with ``push_checkpoints_to_hub`` each goes up as it is saved:
+:class:`CheckpointUploads`), wandb's run folder (it holds machine details) nor temporary files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stune.errors import ConfigError, UserError
+from stune.hookspecs import hookimpl
 
 if TYPE_CHECKING:
     from stune.config import CoreOptions
     from stune.family import ModelFamily
     from stune.plugins import PluginHost
+    from stune.session import Session
 
 log = logging.getLogger("stune.publish")
 
+UPLOADS_PLUGIN = "stune.checkpoint-uploads"
 CARD_FILE = "README.md"
 IMAGES_DIR = "validation_images"
 TRAINING_CONFIG = "training_config.json"
 _IMAGE = re.compile(r"^step-(\d+)-(.+)\.(png|jpe?g|webp)$", re.IGNORECASE)
 _SIZE_SUFFIX = re.compile(r"-\d+x\d+(?:-\d+)?$")  # -<W>x<H>[-<image index>]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# Never uploaded: our temporary checkpoint folders and wandb's run folders.
-_ALWAYS_IGNORED = [".checkpoint-*", "*.tmp-*", "wandb/*", "*/wandb/*"]
+_STAGING = ".upload-"  # + checkpoint-<step>: a checkpoint's hard-linked copy while it uploads
+# Never uploaded: our temporary checkpoint and staging folders, and wandb's run folders.
+_ALWAYS_IGNORED = [".checkpoint-*", "*.tmp-*", f"{_STAGING}*", "wandb/*", "*/wandb/*"]
 _CHECKPOINTS = ["checkpoint-*"]
 
 
@@ -321,7 +327,6 @@ def push(config: CoreOptions, output_dir: Path) -> str | None:
     from huggingface_hub import HfApi
 
     repo_id = str(getattr(config, "hub_model_id", None))
-    include_checkpoints = bool(getattr(config, "push_checkpoints_to_hub", False))
     api = HfApi()
     try:
         url = api.create_repo(
@@ -331,20 +336,135 @@ def push(config: CoreOptions, output_dir: Path) -> str | None:
             repo_id=repo_id,
             folder_path=output_dir,
             repo_type="model",
-            ignore_patterns=ignore_patterns(include_checkpoints),
+            # checkpoints never: with push_checkpoints_to_hub they went up as they were saved
+            ignore_patterns=ignore_patterns(include_checkpoints=False),
             commit_message=f"stune: {config.model_family} {_adapter_kind(config)}",
         )
     # Whatever went wrong (network, offline mode, token, permissions), the trained files are safe
     # on disk; say so in one sentence instead of a traceback at the end of a long run.
     except Exception as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
-        exclude = "" if include_checkpoints else " --exclude 'checkpoint-*'"
         raise UserError(
             f"Uploading to the Hub repository {repo_id} failed ({reason}); the files remain in {output_dir}, "
-            f"upload them later with `hf upload {repo_id} {output_dir}{exclude}`."
+            f"upload them later with `hf upload {repo_id} {output_dir} --exclude 'checkpoint-*'`."
         ) from exc
     log.info("uploaded %s to %s", output_dir, url)
     return str(url)
+
+
+class CheckpointUploads:
+    """``push_checkpoints_to_hub``: each checkpoint goes to the Hub repository (as ``checkpoint-<step>/``)
+    as soon as it is saved, so a run that dies leaves its progress on the Hub, as SimpleTuner does.
+
+    Uploads run one at a time in a worker thread; training waits for each one unless
+    ``push_to_hub_background``. The folder is first hard-linked into ``.upload-checkpoint-<step>`` so
+    that checkpoint rotation cannot pull files from under an upload. A failed upload never stops
+    training: it is logged, retried once at the end of training, and the folder stays on disk."""
+
+    def __init__(self, config: CoreOptions, output_dir: Path) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.repo_id = str(config.hub_model_id)
+        self.private = bool(config.model_card_private)
+        self.background = bool(config.push_to_hub_background)
+        self.output_dir = Path(output_dir)
+        self.uploaded: list[str] = []
+        self.failed: list[str] = []
+        self._repo_ready = False
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stune-hub-checkpoints")
+        import shutil
+
+        for stale in self.output_dir.glob(f"{_STAGING}*"):  # left by a run killed mid-upload
+            shutil.rmtree(stale, ignore_errors=True)
+
+    @hookimpl
+    def on_checkpoint_saved(self, path: Path) -> None:
+        staged = _hard_linked_copy(path, path.with_name(f"{_STAGING}{path.name}"))
+        upload = self._worker.submit(self._upload, staged, path.name)
+        if not self.background:
+            upload.result()
+
+    @hookimpl
+    def on_train_end(self) -> None:
+        self.close()
+        for name in list(self.failed):  # once more, now that training no longer waits on it
+            folder = self.output_dir / name
+            if folder.is_dir():
+                self.failed.remove(name)
+                self._upload(_hard_linked_copy(folder, folder.with_name(f"{_STAGING}{name}")), name)
+        if self.failed:
+            log.warning(
+                "checkpoints not on the Hub: %s; upload them with `hf upload %s %s/<name> <name>`",
+                ", ".join(self.failed),
+                self.repo_id,
+                self.output_dir,
+            )
+
+    def close(self) -> None:
+        """Wait for the uploads under way."""
+        self._worker.shutdown(wait=True)
+
+    def _upload(self, staged: Path, name: str) -> None:
+        import shutil
+
+        from huggingface_hub import HfApi
+
+        try:
+            api = HfApi()
+            if not self._repo_ready:
+                api.create_repo(self.repo_id, private=self.private, exist_ok=True, repo_type="model")
+                self._repo_ready = True
+            api.upload_folder(
+                repo_id=self.repo_id,
+                folder_path=staged,
+                path_in_repo=name,
+                repo_type="model",
+                commit_message=f"stune: {name}",
+            )
+            self.uploaded.append(name)
+            log.info("uploaded %s to the Hub repository %s", name, self.repo_id)
+        # The network, a token or the Hub failing must not end a training run.
+        except Exception as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+            self.failed.append(name)
+            log.warning(
+                "could not upload %s to the Hub repository %s (%s); it stays on disk", name, self.repo_id, reason
+            )
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+
+
+def _hard_linked_copy(folder: Path, target: Path) -> Path:
+    """``folder`` mirrored at ``target`` with hard links (a copy where links are not possible)."""
+    import os
+    import shutil
+
+    def link(source: str, destination: str) -> None:
+        try:
+            os.link(source, destination)
+        except OSError:
+            shutil.copy2(source, destination)
+
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(folder, target, copy_function=link)
+    return target
+
+
+@contextlib.contextmanager
+def checkpoint_uploads(session: Session) -> Iterator[CheckpointUploads | None]:
+    """While a run trains with ``push_to_hub`` and ``push_checkpoints_to_hub``: the uploader, registered
+    as an observer on the main process; its uploads are waited for when the run ends, however it ends."""
+    config = session.config
+    if not (config.push_to_hub and config.push_checkpoints_to_hub) or os.environ.get("RANK", "0") != "0":
+        yield None
+        return
+    uploads = CheckpointUploads(config, Path(str(config.output_dir)))
+    session.host.pm.register(uploads, name=UPLOADS_PLUGIN)
+    try:
+        yield uploads
+    finally:
+        session.host.pm.unregister(name=UPLOADS_PLUGIN)
+        uploads.close()
 
 
 def finish_run(

@@ -13,7 +13,7 @@ transformers, and every key of its ``multidatabackend.json``, has one status her
   the values that describe what stune does anyway (``gradient_checkpointing_backend=torch``);
 * **refused**: the configuration check stops with one sentence naming the option, why, and what
   to do instead, unless the value is SimpleTuner's default or otherwise asks for nothing
-  (``push_to_hub_background: false``), which is accepted with an info line so real
+  (``delete_problematic_images: false``), which is accepted with an info line so real
   SimpleTuner configs run.
 
 :func:`translate_options` and :func:`translate_dataset_keys` apply the table while a
@@ -291,10 +291,6 @@ OPTION_ROWS: dict[str, Row] = {
         "the run's dataset report (and `st-train check`) gives each dataset's image, bucket and batch counts; the "
         "sampler prints nothing more.",
         stune="st-train check",
-    ),
-    "push_to_hub_background": differently(
-        "stune uploads to the Hub once training has finished, in the foreground; the value is ignored.",
-        stune="push_to_hub",
     ),
     "read_batch_size": differently(
         "stune's cache filler reads images ahead in its own batches; the value is ignored.",
@@ -1244,7 +1240,7 @@ OPTION_TESTS: dict[str, str] = {
     "gradient_checkpointing_interval": "plugins/flux/tests/test_flux_schedules.py::test_gradient_checkpointing_interval",
     "hidream_load_balancing_loss_weight": "plugins/hidream/tests/test_hidream_model.py::test_load_balancing_loss_has_its_own_gradient",
     "hidream_use_load_balancing_loss": "plugins/hidream/tests/test_hidream_model.py::test_load_balancing_loss_has_its_own_gradient",
-    "hub_model_id": "core/tests/test_publish.py::test_push_offline_fails_with_one_sentence_and_keeps_files",
+    "hub_model_id": "tests/test_hub_upload.py::test_checkpoints_go_up_as_they_are_saved_then_the_outputs",
     "huber_c": "core/tests/test_simpletuner_options.py::test_huber_c*",
     "huber_schedule": "core/tests/test_simpletuner_options.py::test_huber_schedule*",
     "i_know_what_i_am_doing": "plugins/hidream/tests/test_hidream_options.py::test_t5_token_limit",
@@ -1310,8 +1306,9 @@ OPTION_TESTS: dict[str, str] = {
     "pretrained_transformer_subfolder": "plugins/flux/tests/test_flux_options.py::test_separate_transformer_and_vae_paths",
     "pretrained_vae_model_name_or_path": "plugins/flux/tests/test_flux_options.py::test_separate_transformer_and_vae_paths",
     "prodigy_steps": "core/tests/test_optim.py::test_prodigy_stops_adapting_after_prodigy_steps",
-    "push_checkpoints_to_hub": "tests/test_option_effects.py::test_push_checkpoints_to_hub_decides_whether_checkpoints_go_up",
-    "push_to_hub": "core/tests/test_publish.py::test_push_offline_fails_with_one_sentence_and_keeps_files",
+    "push_checkpoints_to_hub": "tests/test_hub_upload.py::test_checkpoints_go_up_as_they_are_saved_then_the_outputs",
+    "push_to_hub_background": "tests/test_hub_upload.py::test_checkpoints_go_up_as_they_are_saved_then_the_outputs",
+    "push_to_hub": "tests/test_hub_upload.py::test_without_push_checkpoints_to_hub_only_the_outputs_go_up",
     "quantization_config": "plugins/quant/tests/test_adapters_and_resume.py::test_quantization_config_quantizes_while_loading",
     "quantize_via": "plugins/quant/tests/test_adapters_and_resume.py::test_quantize_via_pipeline_loads_int8_torchao_through_diffusers",
     "report_to": "core/tests/test_tracking.py::test_logging_dir_and_default_run_name",

@@ -41,7 +41,7 @@ from stune.features import FeatureContext
 from stune.fused import FusedOptimizer
 from stune.metrics import MetricsLog
 from stune.preparation import finish_transformer, prepare_transformer
-from stune.publish import finish_run
+from stune.publish import checkpoint_uploads, finish_run
 from stune.quantize import QuantizeTarget, plan_targets
 from stune.report import write_report, write_run_file
 from stune.resume import gather_weights, resume, save_adapter, save_checkpoint, saving_from
@@ -63,7 +63,8 @@ class NonFiniteLoss(UserError):
 
 
 def train(session: Session) -> TrainResult:
-    with reporting(session) as webhook:  # webhook_config: progress, validation, errors and the end, off this thread
+    # webhook_config: progress, validation, errors and the end, off this thread; push_checkpoints_to_hub
+    with reporting(session) as webhook, checkpoint_uploads(session):
         run = setup(session)
         load_data(run)
         build_model(run)

@@ -16,7 +16,13 @@ class PublishOptions(Options):
     )
     push_checkpoints_to_hub: bool = Field(
         False,
-        description="Include the checkpoint-<step>/ folders in the push_to_hub upload (default: final outputs only).",
+        description="With push_to_hub, upload each checkpoint-<step>/ folder to the repository as soon as it is "
+        "saved (a failed upload is logged and retried at the end, never stops training).",
+    )
+    push_to_hub_background: bool = Field(
+        False,
+        description="Upload the checkpoints (push_checkpoints_to_hub) while training goes on, instead of "
+        "waiting for each upload; the final upload is always waited for.",
     )
     model_card_private: bool = Field(True, description="Create the Hub repository as private.")
     model_card_safe_for_work: bool = Field(
